@@ -1,0 +1,35 @@
+"""tide-dllm: cross-architecture distillation of diffusion language models (TIDE).
+
+The repository folder `kernels/` is installed as the subpackage `tide.kernels`;
+no top-level module named `kernels` is ever installed (it would shadow Hugging
+Face's own `kernels` package, which transformers probes for).
+"""
+from setuptools import setup
+
+setup(
+    name="tide-dllm",
+    version="0.1.0",
+    description="TIDE: fused distillation losses and a slim trainer for diffusion LMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tide", "tide.models", "tide.kernels", "benchmarks"],
+    package_dir={"tide": "tide", "tide.models": "tide/models",
+                 "tide.kernels": "kernels", "benchmarks": "benchmarks"},
+    # torch is not pinned here: install the build that fits your machine first
+    # (README). Nothing below is heavy.
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "tokenizers>=0.20",
+        "transformers>=4.56",
+        "datasets>=3.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "triton>=3.2"],
+        "gpu": ["flash-attn"],
+    },
+)
