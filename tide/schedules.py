@@ -1,0 +1,67 @@
+"""TIDAL's two axes and its timestep weight (SPEC.md, "TIDAL"): shared by every impl.
+
+Every implementation (reference, chunked, Triton) receives the per-row teacher
+weight `row_lambda [N]` and the per-row loss weight `row_weight [N]` computed
+here, so the schedule logic exists exactly once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("cosine", "linear")
+AXES = ("both", "training_only", "timestep_only")
+TIMESTEP_WEIGHTS = ("midrange", "uniform")
+
+# "midrange" weight: a Gaussian bump centred at t = 0.5 with this width.
+MIDRANGE_CENTER = 0.5
+MIDRANGE_WIDTH = 0.15
+
+
+def lambda_train(progress: float, lambda_init: float = 0.1, lambda_max: float = 0.9,
+                 schedule: str = "cosine") -> float:
+    """Training axis: `lambda_init + (lambda_max - lambda_init) * g(progress)`.
+
+    `g = (1 - cos(pi * progress)) / 2` for "cosine", `g = progress` for "linear";
+    progress = step / max_steps in [0, 1].
+    """
+    if schedule == "cosine":
+        g = (1.0 - math.cos(math.pi * progress)) / 2.0
+    elif schedule == "linear":
+        g = progress
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return lambda_init + (lambda_max - lambda_init) * g
+
+
+def row_lambda(mask_ratio: torch.Tensor, progress: float, lambda_init: float = 0.1,
+               lambda_max: float = 0.9, schedule: str = "cosine",
+               axis: str = "both") -> torch.Tensor:
+    """Per-row teacher weight lambda_b `[N]` float32 from each row's mask ratio t `[N]`.
+
+    "both": `lambda_train * (1 - t)`; "training_only": `lambda_train`;
+    "timestep_only": `lambda_max * (1 - t)`.
+    """
+    t = mask_ratio.detach().to(torch.float32)
+    lam_train = lambda_train(progress, lambda_init, lambda_max, schedule)
+    if axis == "both":
+        return lam_train * (1.0 - t)
+    if axis == "training_only":
+        return torch.full_like(t, lam_train)
+    if axis == "timestep_only":
+        return lambda_max * (1.0 - t)
+    raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
+
+
+def timestep_weight(mask_ratio: torch.Tensor, kind: str = "midrange") -> torch.Tensor:
+    """Per-row loss weight w_b `[N]` float32.
+
+    "midrange": `exp(-(t - 0.5)^2 / (2 * 0.15^2))`; "uniform": 1.
+    """
+    t = mask_ratio.detach().to(torch.float32)
+    if kind == "midrange":
+        return torch.exp(-((t - MIDRANGE_CENTER) ** 2) / (2.0 * MIDRANGE_WIDTH ** 2))
+    if kind == "uniform":
+        return torch.ones_like(t)
+    raise ValueError(f"timestep_weight must be one of {TIMESTEP_WEIGHTS}, got {kind!r}")
