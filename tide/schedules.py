@@ -10,6 +10,12 @@ import math
 
 import torch
 
+
+def _as_float(mask_ratio: torch.Tensor) -> torch.Tensor:
+    """float64 stays float64 (exact tests); everything else becomes float32."""
+    dtype = torch.float64 if mask_ratio.dtype == torch.float64 else torch.float32
+    return mask_ratio.detach().to(dtype)
+
 SCHEDULES = ("cosine", "linear")
 AXES = ("both", "training_only", "timestep_only")
 TIMESTEP_WEIGHTS = ("midrange", "uniform")
@@ -38,12 +44,12 @@ def lambda_train(progress: float, lambda_init: float = 0.1, lambda_max: float = 
 def row_lambda(mask_ratio: torch.Tensor, progress: float, lambda_init: float = 0.1,
                lambda_max: float = 0.9, schedule: str = "cosine",
                axis: str = "both") -> torch.Tensor:
-    """Per-row teacher weight lambda_b `[N]` float32 from each row's mask ratio t `[N]`.
+    """Per-row teacher weight lambda_b `[N]` (float32, float64 for float64 input) from each row's mask ratio t `[N]`.
 
     "both": `lambda_train * (1 - t)`; "training_only": `lambda_train`;
     "timestep_only": `lambda_max * (1 - t)`.
     """
-    t = mask_ratio.detach().to(torch.float32)
+    t = _as_float(mask_ratio)
     lam_train = lambda_train(progress, lambda_init, lambda_max, schedule)
     if axis == "both":
         return lam_train * (1.0 - t)
@@ -55,11 +61,11 @@ def row_lambda(mask_ratio: torch.Tensor, progress: float, lambda_init: float = 0
 
 
 def timestep_weight(mask_ratio: torch.Tensor, kind: str = "midrange") -> torch.Tensor:
-    """Per-row loss weight w_b `[N]` float32.
+    """Per-row loss weight w_b `[N]` (float32, float64 for float64 input).
 
     "midrange": `exp(-(t - 0.5)^2 / (2 * 0.15^2))`; "uniform": 1.
     """
-    t = mask_ratio.detach().to(torch.float32)
+    t = _as_float(mask_ratio)
     if kind == "midrange":
         return torch.exp(-((t - MIDRANGE_CENTER) ** 2) / (2.0 * MIDRANGE_WIDTH ** 2))
     if kind == "uniform":

@@ -1,0 +1,216 @@
+"""Pure-PyTorch bounded-memory losses: the default on CPU, correct on any device.
+
+Same functions, arguments and gradients as tide.reference, computed by walking
+the rows in blocks so that no tensor larger than `[block_rows, V]` ever exists,
+however large N is. `block_rows` comes from a byte budget per `[block_rows, V]`
+tensor (`TIDE_CHUNK_BYTES`, default 32 MiB), so memory is independent of N.
+
+Distillation (TIDAL / forward KL / reverse KL, + CE), per block of rows:
+
+    s = student_hidden[rows] @ student_weight.T          [R, V_s]   (compute dtype)
+    u = teacher_hidden[rows] @ teacher_weight.T          [R, V_t]   (no autograd)
+    loss rows and d loss / d s                           [R, V_s]
+    d student_hidden[rows]  = (d loss / d s) @ student_weight
+    d student_weight       += (d loss / d s).T @ student_hidden[rows]
+
+The gradients are computed in the forward walk (one pass of GEMMs, as Liger
+does) and scaled by the upstream gradient in backward. With targets the
+Function has two outputs (distill, ce), so the gradient of each is kept apart
+(`[N, d_s]` and `[V_s, d_s]` each) and combined in backward.
+
+Gradients w.r.t. the student logits s at one row (temperature T, x = s / T):
+- TIDAL / forward KL, `T^2 w KL(r || p)` with r detached: `T w (p - r)`;
+- reverse KL, `T^2 KL(p || q)`: d/dx KL = p * (log p - log q - KL), so
+  `T p (log p - log q - KL)`;
+- CE at T = 1, `c * CE`: `c (softmax(s) - onehot(target))`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 32 * 2 ** 20
+
+_INTEGER_DTYPES = (torch.int64, torch.int32)
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def block_rows_for(vocab: int, dtype: torch.dtype, num_rows: int) -> int:
+    """Rows per block so that one `[rows, vocab]` tensor stays within the byte budget."""
+    budget = int(os.environ.get("TIDE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+    element = torch.finfo(dtype).bits // 8
+    return max(1, min(max(num_rows, 1), budget // (element * max(vocab, 1))))
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """Non-tensor options of the distillation Function (one object, not a row of Nones)."""
+    temperature: float
+    shared_vocab: int
+    reverse: bool
+    reduction: str
+    has_targets: bool
+
+
+def _distill_block(s, u, row_lambda, row_weight, targets, ce_weight, params, scale):
+    """Loss sums and d loss / d s for one block of rows.
+
+    s `[R, V_s]`, u `[R, V_t]` (compute dtype). Returns (distill_sum, ce_sum,
+    grad_distill `[R, V_s]`, grad_ce `[R, V_s]` or None), gradients already
+    multiplied by `scale` (1/N for "mean").
+    """
+    T = params.temperature
+    V = params.shared_vocab
+    log_p = torch.log_softmax(s[:, :V] / T, dim=-1)                  # student at T [R, V]
+    p = torch.exp(log_p)
+    row_weight = row_weight.to(s.dtype)
+    if params.reverse:
+        diff = log_p.sub_(torch.log_softmax(u[:, :V] / T, dim=-1))   # log p - log q, in place
+        kl = (p * diff).sum(-1)                                       # KL(p || q) [R]
+        grad = diff.sub_(kl[:, None]).mul_(p)                        # p (log p - log q - KL)
+    else:
+        lam = row_lambda.to(s.dtype)[:, None]
+        log_r = torch.log_softmax(((1 - lam) * s[:, :V] + lam * u[:, :V]) / T, dim=-1)
+        r = torch.exp(log_r)
+        kl = (r * log_r.sub_(log_p)).sum(-1)                         # KL(r || p) [R]
+        grad = p.sub_(r)                                             # p - r, in place
+    distill_sum = T * T * (row_weight * kl).sum()
+    grad.mul_((T * scale) * row_weight[:, None])
+    if s.shape[1] > V:                                               # logits outside the shared prefix
+        grad = torch.nn.functional.pad(grad, (0, s.shape[1] - V))
+    if not params.has_targets:
+        return distill_sum, None, grad, None
+    log_p1 = torch.log_softmax(s, dim=-1)                            # student at T = 1, full V_s
+    ce_rows = -log_p1.gather(1, targets[:, None]).squeeze(1)         # [R]
+    ce_coef = ce_weight.to(s.dtype) if ce_weight is not None else torch.ones_like(ce_rows)
+    grad_ce = log_p1.exp_()                                          # softmax(s) - onehot, in place
+    grad_ce[torch.arange(grad_ce.shape[0], device=s.device), targets] -= 1.0
+    grad_ce.mul_(scale * ce_coef[:, None])
+    return distill_sum, (ce_coef * ce_rows).sum(), grad, grad_ce
+
+
+class _DistillFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                row_lambda, row_weight, targets, ce_weight, params: DistillParams):
+        dtype = _compute_dtype(student_hidden)
+        num_rows = student_hidden.shape[0]
+        scale = 1.0 / max(num_rows, 1) if params.reduction == "mean" else 1.0
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        terms = 2 if params.has_targets else 1
+        weight_c = student_weight.to(dtype)                          # [V_s, d_s] (a view for fp32/fp64)
+        teacher_weight_c = teacher_weight.detach().to(dtype)         # [V_t, d_t]
+        grad_hidden = [torch.zeros(student_hidden.shape, dtype=dtype, device=student_hidden.device)
+                       for _ in range(terms)] if want_hidden else None
+        grad_weight = [torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device)
+                       for _ in range(terms)] if want_weight else None
+        sums = [student_hidden.new_zeros((), dtype=dtype) for _ in range(terms)]
+        block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows)
+        with torch.no_grad():
+            for start in range(0, num_rows, block):
+                rows = slice(start, min(start + block, num_rows))
+                hidden = student_hidden[rows].to(dtype)              # [R, d_s]
+                s = hidden @ weight_c.T                               # [R, V_s]
+                u = teacher_hidden[rows].to(dtype) @ teacher_weight_c.T   # [R, V_t]
+                results = _distill_block(
+                    s, u, row_lambda[rows], row_weight[rows],
+                    targets[rows] if targets is not None else None,
+                    ce_weight[rows] if ce_weight is not None else None, params, scale)
+                del s, u
+                for term in range(terms):
+                    sums[term] += results[term]
+                    grad_logits = results[2 + term]                  # [R, V_s]
+                    if want_hidden:
+                        grad_hidden[term][rows] = grad_logits @ weight_c
+                    if want_weight:
+                        grad_weight[term].addmm_(grad_logits.T, hidden)
+        losses = [total * scale for total in sums]
+        ctx.params = params
+        ctx.grads = (grad_hidden, grad_weight)
+        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype)
+        return tuple(losses) if params.has_targets else losses[0]
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        grad_hidden, grad_weight = ctx.grads
+        hidden_dtype, weight_dtype = ctx.input_dtypes
+
+        def combine(grads, out_dtype):
+            if grads is None:
+                return None
+            total = grads[0] * grad_outputs[0]
+            for grad, grad_output in zip(grads[1:], grad_outputs[1:]):
+                total = total + grad * grad_output
+            return total.to(out_dtype)
+
+        return (combine(grad_hidden, hidden_dtype), combine(grad_weight, weight_dtype),
+                None, None, None, None, None, None, None)
+
+
+def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                 row_lambda, row_weight, targets=None, ce_weight=None, *,
+                 temperature: float, shared_vocab: int, reverse: bool, reduction: str):
+    """Same contract as `tide.reference.distill_loss`, in bounded memory."""
+    params = DistillParams(temperature=temperature, shared_vocab=shared_vocab, reverse=reverse,
+                           reduction=reduction, has_targets=targets is not None)
+    return _DistillFunction.apply(student_hidden, student_weight, teacher_hidden.detach(),
+                                  teacher_weight.detach(), row_lambda, row_weight, targets,
+                                  ce_weight, params)
+
+
+class _TokenLogprobFunction(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] per row; saves only the per-row LSE `[N]`.
+
+    Backward recomputes each block's logits: d logprob_i / d logits_i = onehot - softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        dtype = _compute_dtype(hidden)
+        num_rows = hidden.shape[0]
+        weight_c = weight.to(dtype)
+        logprobs = torch.empty(num_rows, dtype=dtype, device=hidden.device)
+        lse = torch.empty(num_rows, dtype=dtype, device=hidden.device)
+        block = block_rows_for(weight.shape[0], dtype, num_rows)
+        with torch.no_grad():
+            for start in range(0, num_rows, block):
+                rows = slice(start, min(start + block, num_rows))
+                logits = hidden[rows].to(dtype) @ weight_c.T            # [R, V]
+                lse[rows] = torch.logsumexp(logits, dim=-1)
+                logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
+        if any(ctx.needs_input_grad[:2]):
+            ctx.save_for_backward(hidden, weight, targets, lse)
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dtype = lse.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        weight_c = weight.to(dtype)
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_weight else None
+        num_rows = hidden.shape[0]
+        block = block_rows_for(weight.shape[0], dtype, num_rows)
+        for start in range(0, num_rows, block):
+            rows = slice(start, min(start + block, num_rows))
+            block_hidden = hidden[rows].to(dtype)
+            grad_logits = (block_hidden @ weight_c.T).sub_(lse[rows, None]).exp_().neg_()   # -softmax
+            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows]] += 1.0
+            grad_logits.mul_(grad_logprobs[rows, None].to(dtype))
+            if want_hidden:
+                grad_hidden[rows] = grad_logits @ weight_c
+            if want_weight:
+                grad_weight.addmm_(grad_logits.T, block_hidden)
+        return (grad_hidden.to(hidden.dtype) if want_hidden else None,
+                grad_weight.to(weight.dtype) if want_weight else None, None)
+
+
+def token_logprobs(hidden, weight, targets):
+    """Same contract as `tide.reference.token_logprobs`, in bounded memory."""
+    return _TokenLogprobFunction.apply(hidden, weight, targets)
