@@ -1,0 +1,481 @@
+"""The TIDE distillation trainer: a BD3LM student learns from a frozen diffusion teacher.
+
+    python -m tide.train                                   # built-in CPU demo, no download
+    python -m tide.train --config configs/shared_tidal.yaml --max-steps 500
+    torchrun --nproc-per-node 8 -m tide.train --config ... --parallel fsdp
+
+One step (SPEC.md): draw t per sequence, mask the maskable tokens with
+probability t (whole chunks in the cross-tokenizer pipeline), run the student
+on [x_t, x_0] to final hidden states, run the teacher (twice with CompDemo,
+merged on hidden states) under no_grad, gather the masked rows, and call the
+fused loss on (hidden, LM-head weight) pairs: no [batch, length, V] logits are
+ever materialised. Checkpoints are Hugging Face directories plus trainer state;
+`--resume` continues bit-exactly on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tide import losses, schedules
+from tide.compdemo import merge_teacher_hidden, teacher_inputs
+from tide.config import CHUNK_METHODS, Config, check, load_config
+from tide.models import build_config, build_model, load_model
+
+MASK_TOKEN = "<|mask|>"
+
+
+# --------------------------------------------------------------------------- masking
+def seeded_generator(seed: int, micro_index: int, device) -> torch.Generator:
+    """All randomness of one micro-batch comes from (seed, its global index): resumes
+    and any world size see the same masks for the same data."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed * 1_000_003 + micro_index)
+    return gen
+
+
+def chunk_table(chunk_ids: torch.Tensor, num_chunks: int, values: torch.Tensor) -> torch.Tensor:
+    """Per-chunk OR of a bool `[b, l]` tensor over the tokens of each chunk -> `[num_chunks]`."""
+    inside = chunk_ids >= 0
+    table = torch.zeros(num_chunks + 1, dtype=torch.bool, device=chunk_ids.device)
+    return table.index_put_((chunk_ids[inside],), values[inside], accumulate=True)[:num_chunks]
+
+
+def noise_batch(batch: dict, cfg: Config, gen: torch.Generator) -> dict:
+    """t per sequence, masked positions, and (cross pipeline) chunk-consistent masks."""
+    ids, maskable = batch["student_input_ids"], batch["student_maskable"]
+    t = cfg.eps + (1 - cfg.eps) * torch.rand(ids.shape[0], device=ids.device, generator=gen)
+    masked = maskable & (torch.rand(ids.shape, device=ids.device, generator=gen) < t[:, None])
+    out = {"t": t, "masked": masked}
+    if cfg.pipeline == "cross":
+        s_chunk, t_chunk = batch["student_chunk_ids"], batch["teacher_chunk_ids"]
+        num_chunks = int(max(s_chunk.max(), t_chunk.max())) + 1  # ids are unique over the batch
+        # a chunk is usable only when every student token of it is maskable (no prompt tokens)
+        usable = ~chunk_table(s_chunk, num_chunks, ~maskable)
+        s_chunk = torch.where((s_chunk >= 0) & usable[s_chunk.clamp(min=0)], s_chunk, -1)
+        t_chunk = torch.where((t_chunk >= 0) & usable[t_chunk.clamp(min=0)], t_chunk, -1)
+        # chunk-consistent masking: one masked student token masks its whole chunk, both sides
+        hit = chunk_table(s_chunk, num_chunks, masked)
+        masked = masked | ((s_chunk >= 0) & hit[s_chunk.clamp(min=0)])
+        out.update(masked=masked, teacher_masked=(t_chunk >= 0) & hit[t_chunk.clamp(min=0)],
+                   student_chunk=s_chunk, teacher_chunk=t_chunk, num_chunks=num_chunks)
+    elif cfg.pipeline == "aligned":
+        # carry the student's masks to the teacher at aligned (text-matched) positions
+        s_pos, t_pos = batch["aligned_student_pos"], batch["aligned_teacher_pos"]  # [b, P], -1 = pad
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(s_pos)
+        valid = s_pos >= 0
+        pair_masked = torch.zeros_like(valid)
+        pair_masked[valid] = masked[rows[valid], s_pos[valid]]
+        teacher_masked = torch.zeros_like(batch["teacher_input_ids"], dtype=torch.bool)
+        teacher_masked[rows[valid], t_pos[valid]] = pair_masked[valid]
+        out.update(teacher_masked=teacher_masked, pair_rows=rows[pair_masked],
+                   pair_student=s_pos[pair_masked], pair_teacher=t_pos[pair_masked])
+    else:
+        out["teacher_masked"] = masked
+    return out
+
+
+@torch.no_grad()
+def teacher_hidden(teacher, ids, masked, noise, batch, cfg: Config, gen) -> torch.Tensor:
+    """Teacher final hidden states `[b, l_t, d_t]`: one pass on x_t, or CompDemo's two merged."""
+    attention = batch.get("teacher_attention_mask")
+    if not cfg.compdemo:
+        x_t = torch.where(masked, teacher.mask_token_id, ids)
+        return teacher(x_t, ids, attention)
+    chunks = noise.get("teacher_chunk")  # chunk-level split in the cross pipeline
+    demo = teacher_inputs(ids, masked, teacher.mask_token_id, cfg.demo_ratio, chunk_ids=chunks, generator=gen)
+    hidden_1 = teacher(demo.pass1_ids, ids, attention)
+    hidden_2 = teacher(demo.pass2_ids, ids, attention)
+    return merge_teacher_hidden(hidden_1, hidden_2, demo.mask_a)
+
+
+# --------------------------------------------------------------------------- student + loss
+class StudentLoss(nn.Module):
+    """The student and its loss in one forward, so DDP and FSDP2 wrap exactly this:
+    under `fully_shard` the LM head is gathered for the duration of this forward."""
+
+    def __init__(self, student, cfg: Config, teacher_vocab: int | None):
+        super().__init__()
+        self.student, self.cfg = student, cfg
+        vocab = student.vocab_size
+        self.shared_vocab = None if teacher_vocab in (None, vocab) else min(vocab, teacher_vocab)
+
+    def forward(self, batch: dict, noise: dict, t_hidden, t_weight, progress: float):
+        cfg, student = self.cfg, self.student
+        ids, masked, t = batch["student_input_ids"], noise["masked"], noise["t"]
+        x_t = torch.where(masked, student.mask_token_id, ids)
+        hidden = student(x_t, ids, batch.get("student_attention_mask"))  # [b, L, d], x_t half
+        weight = student.lm_head_weight
+        # CE weight per row: the schedule weight 1/t_b (or 1). The losses divide by the row count N
+        # ("mean"); multiplying by N / n_maskable turns that into SPEC's token normalisation.
+        rows_b = masked.nonzero(as_tuple=True)[0]
+        row_t = t[rows_b]
+        ce_w = 1.0 / row_t if cfg.ce_schedule_weight == "linear" else torch.ones_like(row_t)
+        n_rows = masked.sum()
+        ce_scale = n_rows / batch["student_maskable"].sum().clamp(min=1)
+        h_rows, targets = hidden[masked], ids[masked]
+        common = dict(temperature=cfg.temperature, impl=cfg.impl)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+
+        if cfg.method == "ce":
+            ce = -(ce_w * losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)).sum() / n_rows.clamp(min=1)
+            distill = zero
+        elif cfg.pipeline == "shared":  # token-level, CE fused into the same vocabulary pass
+            s_h, t_h = h_rows, t_hidden[masked]
+            fused = dict(targets=targets, ce_weight=ce_w, shared_vocab=self.shared_vocab, **common)
+            if cfg.method == "tidal":
+                distill, ce = losses.tidal_loss(s_h, weight, t_h, t_weight, row_t, progress, **self.tidal_options, **fused)
+            else:
+                distill, ce = losses.kl_loss(s_h, weight, t_h, t_weight, reverse=cfg.method == "reverse_kl", **fused)
+        else:
+            ce = -(ce_w * losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)).sum() / n_rows.clamp(min=1)
+            distill = self.pair_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress, common) \
+                if cfg.pipeline == "aligned" else \
+                self.chunk_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress, common)
+        ce = ce * ce_scale
+        loss = cfg.ce_weight * ce + cfg.distill_weight * distill
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "distill": distill.detach()}
+
+    @property
+    def tidal_options(self):
+        cfg = self.cfg
+        return dict(lambda_init=cfg.lambda_init, lambda_max=cfg.lambda_max, schedule=cfg.lambda_schedule,
+                    axis=cfg.lambda_axis, timestep_weight=cfg.timestep_weight)
+
+    def pair_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress, common):
+        """Aligned mode: token-level losses at aligned masked positions only."""
+        rows, s_pos, t_pos = noise["pair_rows"], noise["pair_student"], noise["pair_teacher"]
+        s_h, t_h = hidden[rows, s_pos], t_hidden[rows, t_pos]
+        if self.cfg.method == "tidal":
+            return losses.tidal_loss(s_h, weight, t_h, t_weight, noise["t"][rows], progress,
+                                     shared_vocab=self.shared_vocab, **self.tidal_options, **common)
+        return losses.kl_loss(s_h, weight, t_h, t_weight, reverse=self.cfg.method == "reverse_kl",
+                              shared_vocab=self.shared_vocab, **common)
+
+    def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress, common):
+        """Cross-tokenizer pipeline: (Reverse) CALM / CALM+TIDAL on chunk log-likelihoods."""
+        cfg = self.cfg
+        s_chunk, t_chunk, num_chunks = noise["student_chunk"], noise["teacher_chunk"], noise["num_chunks"]
+        s_rows = noise["masked"] & (s_chunk >= 0)
+        t_rows = noise["teacher_masked"]
+        lam = weight_c = None
+        if cfg.method == "calm_tidal":  # per-chunk lambda_b and w_b from the chunk's sequence t_b
+            inside = s_chunk >= 0
+            seq = torch.zeros(num_chunks, dtype=torch.long, device=s_chunk.device)
+            seq[s_chunk[inside]] = inside.nonzero(as_tuple=True)[0]  # the batch row of each chunk
+            t_c = noise["t"][seq]
+            lam = schedules.row_lambda(t_c, progress, cfg.lambda_init, cfg.lambda_max, cfg.lambda_schedule,
+                                       cfg.lambda_axis)
+            weight_c = schedules.timestep_weight(t_c, cfg.timestep_weight)
+        return losses.calm_loss(
+            hidden[s_rows], weight, batch["student_input_ids"][s_rows], s_chunk[s_rows],
+            t_hidden[t_rows], t_weight, batch["teacher_input_ids"][t_rows], t_chunk[t_rows],
+            num_chunks=num_chunks, reverse=cfg.method == "reverse_calm", lam=lam, weight=weight_c,
+            temperature=cfg.temperature, impl=cfg.impl)
+
+
+# --------------------------------------------------------------------------- schedule, checkpoints
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoints, oldest first (a `.tmp` directory is an interrupted write)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[11:]))]
+
+
+def save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank):
+    """HF-format student + tokenizers + trainer state, written to a temp dir, then renamed."""
+    if fsdp:  # gather the full state on rank 0 (collective: every rank calls it)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(wrapped, options=options)
+        prefix = "student.decoder."
+        model_state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+        optim_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
+    else:
+        model_state, optim_state = None, optimizer.state_dict()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        student.save_pretrained(tmp, state_dict=model_state) if model_state is not None else student.save_pretrained(tmp)
+        tokenizers["student"].save_pretrained(tmp)
+        if tokenizers.get("teacher") is not None and tokenizers["teacher"] is not tokenizers["student"]:
+            tokenizers["teacher"].save_pretrained(os.path.join(tmp, "teacher_tokenizer"))
+        torch.save({"step": step, "optimizer": optim_state, "config": dataclasses.asdict(cfg)},
+                   os.path.join(tmp, "trainer_state.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        from tide.demo import run_demo
+        return run_demo()
+    cfg = load_config(argv)
+    check(cfg)
+
+    # ---- processes and devices
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    fsdp = distributed and cfg.parallel == "fsdp"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    use_bf16 = device.type == "cuda" and cfg.dtype == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    # ---- resume point
+    resume_from = None
+    if cfg.resume:
+        found = checkpoints(cfg.output_dir)
+        if not found:
+            raise SystemExit(f"--resume: no checkpoint-<step> directory in {cfg.output_dir!r}")
+        resume_from = found[-1]
+
+    # ---- tokenizers and models
+    from tide.data import build_dataset  # data knows tokenizers, not models
+    tokenizers = load_tokenizers(cfg)
+    teacher = None
+    if cfg.needs_teacher:
+        teacher = load_model(cfg.teacher, kind=cfg.teacher_kind or None, device=device,
+                             dtype=torch.bfloat16 if use_bf16 else None).eval().requires_grad_(False)
+    student = make_student(cfg, tokenizers["student"], resume_from, device)
+    check_pair(cfg, student, teacher, tokenizers)
+
+    # ---- data: the dataset in a fixed order per epoch; position = micro-batches consumed
+    dataset, collate = build_dataset(cfg, tokenizers["student"], tokenizers.get("teacher"))
+    if len(dataset) < cfg.batch_size * world:
+        raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
+                         f"({cfg.batch_size} x {world}): add data or lower --batch-size")
+
+    def micro_batch(index: int) -> dict:
+        """Global micro-batch `index`; this rank takes its slice of it."""
+        per_epoch = len(dataset) // (cfg.batch_size * world)
+        epoch, position = divmod(index, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        start = (position * world + rank) * cfg.batch_size
+        batch = collate([dataset[int(i)] for i in order[start:start + cfg.batch_size]])
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # ---- wrap for DDP / FSDP2; the optimizer
+    objective = StudentLoss(student, cfg, teacher.vocab_size if teacher is not None else None)
+    wrapped = objective
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
+        for layer in student.backbone.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(objective, mp_policy=policy)
+    elif distributed:
+        wrapped = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    step = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        step = state["step"]
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        rng = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if master:
+            print(f"resumed from {resume_from} at step {step}")
+
+    # ---- the loop
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+    bar = None
+    if master and cfg.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tide {cfg.method}", dynamic_ncols=True)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    history, last_saved = [], None
+    last_time, last_step = time.time(), step
+    wrapped.train()
+    while step < cfg.max_steps:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        progress = step / cfg.max_steps
+        parts_sum = None
+        for micro in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + micro          # global micro-batch index (data + masks)
+            batch = micro_batch(index)
+            gen = seeded_generator(cfg.seed, index * world + rank, device)
+            noise = noise_batch(batch, cfg, gen)
+            t_hidden = t_weight = None
+            with autocast:
+                if teacher is not None:
+                    t_ids = batch["student_input_ids"] if cfg.pipeline == "shared" else batch["teacher_input_ids"]
+                    if cfg.pipeline == "shared":
+                        batch.setdefault("teacher_attention_mask", batch.get("student_attention_mask"))
+                    t_hidden = teacher_hidden(teacher, t_ids, noise["teacher_masked"], noise, batch, cfg, gen)
+                    t_weight = teacher.lm_head_weight
+                last = micro == cfg.grad_accum - 1  # sync gradients only on the last micro-step
+                if fsdp:
+                    wrapped.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or not distributed or fsdp else wrapped.no_sync()
+                with sync:
+                    loss, parts = wrapped(batch, noise, t_hidden, t_weight, progress)
+                    (loss / cfg.grad_accum).backward()
+            parts_sum = parts if parts_sum is None else {k: parts_sum[k] + v for k, v in parts.items()}
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % cfg.log_interval == 0 or step == cfg.max_steps or step == 1:
+            parts = torch.stack([parts_sum[k] for k in ("loss", "ce", "distill")]) / cfg.grad_accum
+            if distributed:
+                dist.all_reduce(parts)
+                parts /= world
+            now = time.time()
+            record = {"step": step, "loss": parts[0].item(), "ce": parts[1].item(), "distill": parts[2].item(),
+                      "lr": lr, "lambda": schedules.lambda_train(progress, cfg.lambda_init, cfg.lambda_max,
+                                                                  cfg.lambda_schedule) if cfg.method in ("tidal", "calm_tidal") else None,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
+            last_time, last_step = now, step
+            history.append(record)
+            if master:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            last_saved = save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank)
+    if bar is not None:
+        bar.close()
+    if metrics is not None:
+        metrics.close()
+    if distributed:
+        dist.destroy_process_group()
+    return {"history": history, "checkpoint": last_saved or (checkpoints(cfg.output_dir) or [None])[-1],
+            "metrics": os.path.join(cfg.output_dir, "metrics.jsonl")}
+
+
+# --------------------------------------------------------------------------- setup helpers
+def with_mask_token(tokenizer):
+    """Add the student's diffusion mask token (and a pad token) to its tokenizer if it lacks them."""
+    if MASK_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
+    tokenizer.mask_token = MASK_TOKEN
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or MASK_TOKEN
+    return tokenizer
+
+
+def load_tokenizers(cfg: Config) -> dict:
+    from transformers import AutoTokenizer
+    student_path = cfg.student_tokenizer or cfg.student or cfg.teacher
+    teacher_path = cfg.teacher_tokenizer or cfg.teacher
+    out = {"student": with_mask_token(AutoTokenizer.from_pretrained(student_path)), "teacher": None}
+    if cfg.needs_teacher:  # the teacher's own mask id comes from its config.json
+        out["teacher"] = AutoTokenizer.from_pretrained(teacher_path)
+        if out["teacher"].pad_token is None:
+            out["teacher"].pad_token = out["teacher"].eos_token or out["teacher"].unk_token
+    return out
+
+
+def make_student(cfg: Config, tokenizer, resume_from: str | None, device) -> nn.Module:
+    """Resume point > `--student DIR` > a fresh model of `--student-arch` size."""
+    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if resume_from:
+        return load_model(resume_from, device=device)
+    if cfg.student:
+        from transformers import AutoConfig
+        tide_kind = getattr(AutoConfig.from_pretrained(cfg.student), "tide_kind", None)
+        student = load_model(cfg.student, kind=cfg.student_kind, block_size=cfg.block_size,
+                             mask_token_id=mask_id, device=device)
+        if tide_kind is None and student.vocab_size < len(tokenizer):  # a plain causal LM: room for the mask
+            student.decoder.resize_token_embeddings(len(tokenizer))
+        if student.kind == "bd3lm":
+            student.block_size = cfg.block_size
+        return student
+    config = build_config(cfg.student_arch, len(tokenizer), cfg.student_hidden, cfg.student_layers,
+                          cfg.student_heads, max_position_embeddings=max(cfg.seq_len, 128))
+    return build_model(cfg.student_kind, config, block_size=cfg.block_size, mask_token_id=mask_id, device=device)
+
+
+def check_pair(cfg: Config, student, teacher, tokenizers) -> None:
+    """Student/teacher/tokenizer consistency, before any training."""
+    if len(tokenizers["student"]) > student.vocab_size:
+        raise SystemExit(f"student vocabulary ({student.vocab_size}) is smaller than its tokenizer "
+                         f"({len(tokenizers['student'])}): pass the matching --student-tokenizer")
+    if teacher is None:
+        return
+    if cfg.pipeline in ("shared", "aligned"):
+        # one vocabulary: every teacher token has the same id for the student (the student may add its
+        # mask token); the losses compare the first min(V_s, V_t) logits
+        s_vocab, t_vocab = tokenizers["student"].get_vocab(), tokenizers["teacher"].get_vocab()
+        differ = [tok for tok, i in t_vocab.items() if s_vocab.get(tok) != i]
+        if differ:
+            raise SystemExit(
+                f"--pipeline {cfg.pipeline} needs one tokenizer for student and teacher, but {len(differ)} of the "
+                f"teacher's {len(t_vocab)} tokens have other ids for the student (e.g. {differ[:3]}): use "
+                f"--pipeline cross with a chunk-level method ({', '.join(CHUNK_METHODS)}), or the teacher's "
+                f"tokenizer for the student (--student-tokenizer {cfg.teacher_tokenizer or cfg.teacher})")
+    if teacher.mask_token_id >= teacher.vocab_size:
+        raise SystemExit(f"teacher mask token id {teacher.mask_token_id} is outside its vocabulary")
+
+
+if __name__ == "__main__":
+    main()
