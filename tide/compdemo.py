@@ -103,9 +103,13 @@ def _draw_seed(generator, device):
     return seed.to(device, non_blocking=True)
 
 
-def _split(masked, demo_ratio, input_ids, mask_token_id, chunk_ids, generator):
-    """Returns `(mask_a, mask_b, pass1_ids, pass2_ids)`; the ids are None without input_ids."""
-    if masked.is_cuda:
+def _split(masked, demo_ratio, input_ids, mask_token_id, chunk_ids, generator, use_triton=None):
+    """Returns `(mask_a, mask_b, pass1_ids, pass2_ids)`; the ids are None without input_ids.
+
+    use_triton: None = Triton on CUDA tensors, torch's generator otherwise (True lets the
+    tests run the kernel on CPU under TRITON_INTERPRET=1).
+    """
+    if masked.is_cuda if use_triton is None else use_triton:
         from .kernels import complementary_split as split_kernels
         return split_kernels.philox_split(masked, demo_ratio, _draw_seed(generator, masked.device),
                                           input_ids=input_ids, mask_token_id=mask_token_id,
