@@ -1,0 +1,745 @@
+"""Fused linear TIDAL / forward KL / reverse KL, with the CE term in the same vocabulary sweep.
+
+Exact eager equivalent (tide.reference.distill_loss; float32 compute for bf16/fp16/fp32
+inputs, float64 for float64 inputs)::
+
+    s = student_hidden.float() @ student_weight.float().T            # [N, V_s]
+    u = teacher_hidden.float() @ teacher_weight.float().T            # [N, V_t], no grad
+    z, y = s[:, :V] / T, u[:, :V] / T                                # V = shared_vocab
+    x = ((1 - lam) * s[:, :V] + lam * u[:, :V]) / T                   # TIDAL mixture (lam = 1: forward KL)
+    forward:  kl = sum_j r_j (log r_j - log p_j),  r = softmax(x) detached, p = softmax(z)
+    reverse:  kl = sum_j p_j (log p_j - log q_j),  q = softmax(y)
+    distill = T^2 * sum_i w_i kl_i                                   (/ N for "mean")
+    ce      = sum_i ce_weight_i * (logsumexp(s_i) - s_i[targets_i])  (/ N for "mean"; full V_s, T = 1)
+
+Neither strategy below ever holds an [N, V] tensor, in forward or in backward.
+
+One online sweep gives the loss
+-------------------------------
+Call `a` the logits (divided by T) of the distribution that weights the KL and `b` the other
+one: forward a = x, b = z; reverse a = z, b = y. Then, per row,
+
+    KL(softmax(a) || softmax(b)) = E_a[a - b] - lse(a) + lse(b)
+                                 = acc / l_a - (m_a + log l_a) + (m_b + log l_b)
+
+with the flash-attention style running maximum m, running sum l = sum_j exp(a_j - m_a) and
+acc = sum_j exp(a_j - m_a) * (a_j - b_j); when m_a grows, l_a and acc are both rescaled by
+exp(m_old - m_new). So the loss is complete after ONE sweep over the vocabulary, and a second
+sweep writes the logit gradient. Per row we keep 7 scalars: (m, l) for z, for the target logits
+(x or y) and for the student at T = 1 (CE), plus acc. CE's target logit is picked up on the way.
+
+Gradients with respect to the student logits (derivation)
+---------------------------------------------------------
+Forward / TIDAL, with r detached: d/ds_j [T^2 w sum_k r_k (log r_k - log p_k)]
+    = -T^2 w sum_k r_k d(log p_k)/ds_j = -T^2 w sum_k r_k (delta_kj - p_j) / T
+    = T w (p_j - r_j).
+Reverse, L = sum_k p_k (log p_k - log q_k), with p = softmax(s / T):
+    dp_k/ds_j = p_k (delta_kj - p_j) / T,  dL/dp_k = log p_k - log q_k + 1, so
+    dL/ds_j = (1/T) sum_k p_k (delta_kj - p_j)(log p_k - log q_k + 1)
+            = (p_j / T) [(log p_j - log q_j + 1) - (KL + 1)] = (p_j / T)(log p_j - log q_j - KL),
+    and d/ds_j [T^2 w L] = T w p_j (log p_j - log q_j - KL).
+    (The +1 cancels; KL is the row's loss, known after the first sweep: that is why the loss
+    must be finished before the gradient sweep.)
+CE: d/ds_j [cw (lse(s) - s_t)] = cw (softmax(s)_j - [j == t]), over the full V_s.
+Columns j >= V get no distillation gradient. Then d student_hidden = dS @ W_s and
+d student_weight = dS^T @ H_s (dS the [N, V_s] logit gradient, never materialised whole).
+
+Strategy 1: row-chunked workspace (impl="triton", `_ChunkedDistill`)
+-------------------------------------------------------------------
+    for each chunk of c rows (c from a byte budget, independent of N):
+        S[c, V_s'] = H_s[chunk] @ W_s[:V_s'].T           # tl.dot GEMM, fp32 out (V_s' = V_s with CE, else V)
+        U[c, V]    = H_t[chunk] @ W_t[:V].T              # teacher GEMM only over the shared vocab
+        _chunk_rows_kernel, grid (cdiv(c, BLOCK_R),):    # sweep 1: stats + loss; sweep 2: gradients
+            S <- dDistill/dS (in place),  U <- dCE/dS (in place, width V_s')
+        dH_distill[chunk]  = S @ W_s;   dW_distill += S^T @ H_s[chunk]   (same for CE from U)
+The gradients are computed in forward (Liger style) for unit upstream gradients, with the
+reduction's 1/N folded in, and kept as fp32 [N, d_s] and [V_s, d_s] per term; backward only
+scales and adds them (g_distill * G_distill + g_ce * G_ce). Without targets that is exactly
+F = 2 N V (3 d_s + d_t) FLOPs (logits once + two gradient GEMMs). With targets the two terms'
+gradients must stay separate until backward knows both upstream gradients, so the two gradient
+GEMMs run twice: 2 N V (5 d_s + d_t) FLOPs, still no recompute of any logit.
+Workspace: 2 * c * V_s' * 4 bytes (default budget min(1 GiB, free memory / 4), env
+TIDE_WORKSPACE_BYTES, or the `workspace_bytes=` argument). HBM traffic per chunk: the GEMMs write
+S and U once (8 c V bytes), the row kernel reads them twice and writes them once (24 c V bytes),
+the gradient GEMMs read them once (8 c V): about 5 passes over fp32 [c, V] per chunk, against
+about 15 over [N, V] for the eager reference. d student_weight accumulates chunk after chunk
+into an fp32 buffer, each output tile owned by one program: deterministic.
+
+Strategy 2: streaming (impl="triton_stream", `_StreamDistill`), Cut-Cross-Entropy style
+----------------------------------------------------------------------------------------
+    _stream_fwd_kernel, grid (cdiv(N, BLOCK_M),):
+        for each vocab tile [v0, v0 + BLOCK_V):
+            s_tile = H_s[rows] @ W_s[tile].T  (tl.dot over d_s in BLOCK_K steps), u_tile likewise
+            update the 7 per-row scalars                     # tiles never leave the chip
+        write per row: lse(z), lse(target), KL, lse(s) and the two loss terms   -> O(N) memory
+    _stream_bwd_kernel, same grid, upstream gradients known now:
+        recompute s_tile, u_tile; G = coef_d * dDistill + coef_c * dCE   [BLOCK_M, BLOCK_V]
+        for each BLOCK_K slice of d_s:
+            dH[rows, k] += G @ W_s[tile, k]           (rows owned by this program: plain RMW)
+            dW[tile, k] += G^T @ H_s[rows, k]         (tl.atomic_add, fp32: order not deterministic)
+FLOPs: 2 N V (d_s + d_t) forward + 2 N V (d_s + d_t) recompute + 2 * 2 N V d_s gradients
+= 2 N V (4 d_s + 2 d_t), more than F, for O(N) extra memory (the per-row statistics; the fp32
+dH [N, d_s] and dW [V_s, d_s] are gradient-sized). HBM traffic: the weights are re-read once per
+row block (L2-friendly), no [N, V] bytes at all.
+
+Block sizes: a fixed config per kernel, chosen for H100/H200 (bf16 tensor cores); under
+TRITON_INTERPRET=1 small blocks. Autotuning of the GEMM is behind TIDE_AUTOTUNE=1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DEFAULT_WORKSPACE_BYTES = 1 << 30   # 1 GiB cap for the chunk workspace (further capped by free memory)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# =============================================================================================
+# Shared tile math: both strategies call these on [R, BLOCK_V] tiles of logits.
+# =============================================================================================
+@triton.jit
+def _online_kl_update(z, x, valid, m_z, l_z, m_x, l_x, acc, REVERSE: tl.constexpr):
+    """One vocab tile of the online sweep. z = student / T, x = target / T (mixture or teacher),
+    [R, BV]; valid [R or 1, BV]. Returns the updated (m_z, l_z, m_x, l_x, acc), each [R]."""
+    diff = tl.where(valid, z - x, 0.0)                        # z - x, 0 off the vocabulary
+    z = tl.where(valid, z, float("-inf"))
+    x = tl.where(valid, x, float("-inf"))
+    m_z_new = tl.maximum(m_z, tl.max(z, 1))
+    m_x_new = tl.maximum(m_x, tl.max(x, 1))
+    alpha_z = tl.exp(m_z - m_z_new)
+    alpha_x = tl.exp(m_x - m_x_new)
+    e_z = tl.exp(z - m_z_new[:, None])
+    e_x = tl.exp(x - m_x_new[:, None])
+    if REVERSE:                                               # E_p[z - y]
+        acc = acc * alpha_z + tl.sum(e_z * diff, 1)
+    else:                                                     # E_r[x - z]
+        acc = acc * alpha_x - tl.sum(e_x * diff, 1)
+    l_z = l_z * alpha_z + tl.sum(e_z, 1)
+    l_x = l_x * alpha_x + tl.sum(e_x, 1)
+    return m_z_new, l_z, m_x_new, l_x, acc
+
+
+@triton.jit
+def _online_lse_update(s, valid, m, l):
+    """Online log-sum-exp of s [R, BV] (CE at T = 1)."""
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+    return m_new, l
+
+
+@triton.jit
+def _distill_grad_tile(z, x, lse_z, lse_x, kl, coef, valid, REVERSE: tl.constexpr):
+    """d(T^2 w KL)/ds on a tile, times coef = g * scale * T * w (see the module docstring):
+    forward coef * (p - r), reverse coef * p * (log p - log q - KL)."""
+    p = tl.exp(z - lse_z[:, None])
+    if REVERSE:
+        g = p * ((z - lse_z[:, None]) - (x - lse_x[:, None]) - kl[:, None])
+    else:
+        g = p - tl.exp(x - lse_x[:, None])
+    return tl.where(valid, coef[:, None] * g, 0.0)
+
+
+@triton.jit
+def _ce_grad_tile(s, cols, tgt, lse_1, coef, valid):
+    """d(cw * CE)/ds on a tile, times coef = g * scale * cw: coef * (softmax(s) - onehot(t))."""
+    g = tl.exp(s - lse_1[:, None]) - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
+    return tl.where(valid, coef[:, None] * g, 0.0)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b, accumulating in acc's dtype (fp32, or fp64 for fp64 inputs); IEEE: exact fp32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _target_logits(s, u, lam, inv_T, REVERSE: tl.constexpr):
+    """x: the TIDAL mixture ((1 - lam) s + lam u) / T, or the teacher u / T for reverse KL."""
+    if REVERSE:
+        x = u * inv_T
+    else:
+        x = ((1.0 - lam[:, None]) * s + lam[:, None] * u) * inv_T
+    return x
+
+
+# =============================================================================================
+# Strategy 1, part a: a plain tiled GEMM with fp32 (or fp64) output, tutorial 03 style.
+# C[M, N] (+)= A[M, K] @ B[K, N]; any strides (transposes are views); tiles cast to B's dtype
+# before tl.dot (bf16 tensor cores for bf16 weights), fp32 accumulation.
+# =============================================================================================
+@triton.jit
+def _matmul_kernel(
+        A, B, C,                                  # pointers: [M, K], [K, N], [M, N] (fp32 / fp64)
+        M, N, K: tl.constexpr,                    # sizes (loop bound K constexpr: the interpreter needs it)
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,   # strides
+        ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,                       # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n                 # grouped ordering for L2 reuse
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=C.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
+        b = tl.load(B + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(ks[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = _dot(a.to(B.dtype.element_ty), b, acc, IEEE)
+    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc, mask=c_mask)
+
+
+def _matmul_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in ((128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                                      (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4))]
+
+
+_matmul_autotuned = None
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out[M, N] (+)= a[M, K] @ b[K, N] with fp32/fp64 accumulation; a, b any strides."""
+    global _matmul_autotuned
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        if not accumulate:
+            out.zero_()
+        return out
+    ieee = b.dtype in (torch.float32, torch.float64)
+    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1))
+    if os.environ.get("TIDE_AUTOTUNE") == "1" and not _interpreting():
+        if _matmul_autotuned is None:
+            _matmul_autotuned = triton.autotune(_matmul_configs(), key=["M", "N", "K"])(_matmul_kernel)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _matmul_autotuned[grid](*args, ACCUMULATE=accumulate, IEEE=ieee)
+        return out
+    if _interpreting():
+        bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
+    elif b.element_size() >= 4:
+        bm, bn, bk, warps, stages = 128, 128, 32, 8, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _matmul_kernel[grid](*args, ACCUMULATE=accumulate, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                         GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out
+
+
+# =============================================================================================
+# Strategy 1, part b: the fused row kernel over the chunk workspace (two sweeps per row).
+# =============================================================================================
+@triton.heuristics({"HAS_TARGETS": lambda args: args["V_s"] > 0})
+@triton.jit
+def _chunk_rows_kernel(
+        S, U,                        # [R, >= V_s] student logits -> d distill / dS (in place);
+                                     # [R, >= V_s] teacher logits (first V columns) -> d CE / dS
+        lam_ptr, w_ptr, tgt_ptr, cw_ptr,   # [R] TIDAL lambda, loss weight, target ids, CE weight
+        distill_ptr, ce_ptr,         # [R] per-row losses out: T^2 w KL, cw CE
+        R, V: tl.constexpr, V_s: tl.constexpr,   # rows, shared vocab, student vocab for CE (0: no targets)
+        stride_s, stride_u,          # row strides of S and U
+        T, inv_T, scale,             # temperature, 1 / T, 1 / N ("mean") or 1 ("sum")
+        REVERSE: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    acc_ty = S.dtype.element_ty
+    lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    s_row = S + rows[:, None] * stride_s
+    u_row = U + rows[:, None] * stride_u
+    neg_inf = tl.full((BLOCK_R,), float("-inf"), acc_ty)
+    zero = tl.zeros((BLOCK_R,), acc_ty)
+    m_z, l_z, m_x, l_x, acc = neg_inf, zero, neg_inf, zero, zero
+    m_1, l_1, s_t = neg_inf, zero, zero
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+        cw = tl.load(cw_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+
+    # ---- sweep 1: online statistics, loss complete at the end
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols[None, :] < V                            # padded rows load 0: finite stats
+        s = tl.load(s_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+        u = tl.load(u_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+        x = _target_logits(s, u, lam, inv_T, REVERSE)
+        m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, col_ok, m_z, l_z, m_x, l_x, acc, REVERSE)
+        if HAS_TARGETS:
+            m_1, l_1 = _online_lse_update(s, col_ok, m_1, l_1)
+            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+    if HAS_TARGETS:
+        for v0 in range(V, V_s, BLOCK_V):                     # student-only columns: CE only
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols[None, :] < V_s
+            s = tl.load(s_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+            m_1, l_1 = _online_lse_update(s, col_ok, m_1, l_1)
+            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+
+    lse_z = m_z + tl.log(l_z)
+    lse_x = m_x + tl.log(l_x)
+    if REVERSE:
+        kl = acc / l_z - lse_z + lse_x
+    else:
+        kl = acc / l_x - lse_x + lse_z
+    tl.store(distill_ptr + rows, T * T * w * kl, mask=row_ok)
+    if HAS_TARGETS:
+        lse_1 = m_1 + tl.log(l_1)
+        tl.store(ce_ptr + rows, cw * (lse_1 - s_t), mask=row_ok)
+
+    # ---- sweep 2: logit gradients for unit upstream gradients, written in place
+    if NEED_GRAD:
+        coef_d = scale * T * w
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            valid = row_ok[:, None] & (cols[None, :] < V)
+            s = tl.load(s_row + cols[None, :], mask=valid, other=0.0)
+            u = tl.load(u_row + cols[None, :], mask=valid, other=0.0)
+            x = _target_logits(s, u, lam, inv_T, REVERSE)
+            tl.store(s_row + cols[None, :], _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d,
+                                                                valid, REVERSE), mask=valid)
+            if HAS_TARGETS:
+                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, scale * cw, valid),
+                         mask=valid)
+        if HAS_TARGETS:
+            for v0 in range(V, V_s, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                valid = row_ok[:, None] & (cols[None, :] < V_s)
+                s = tl.load(s_row + cols[None, :], mask=valid, other=0.0)
+                tl.store(s_row + cols[None, :], tl.zeros((BLOCK_R, BLOCK_V), acc_ty), mask=valid)
+                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, scale * cw, valid),
+                         mask=valid)
+
+
+# =============================================================================================
+# Strategy 2: streaming kernels, logit tiles computed with tl.dot and never written out.
+# =============================================================================================
+@triton.jit
+def _logit_tile(H, W, rows, cols, row_ok, col_ok, K: tl.constexpr, stride_hn, stride_hk, stride_wv, stride_wk,
+                acc_ty: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """H[rows, :K] @ W[cols, :K].T as a [BLOCK_M, BLOCK_V] tile in acc_ty, over K in BLOCK_K steps."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(H + rows[:, None] * stride_hn + ks[None, :] * stride_hk,
+                    mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)            # [BM, BK]
+        w = tl.load(W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
+                    mask=col_ok[None, :] & (ks[:, None] < K), other=0.0)            # [BK, BV]
+        acc = _dot(h, w, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s: tl.constexpr,
+                        stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
+                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """dH[rows] += G @ W_s[cols] (rows owned by this program); dW[cols] += G^T @ H_s[rows] (atomics)."""
+    g = G.to(SW.dtype.element_ty)
+    for k0 in range(0, d_s, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < d_s
+        if NEED_DH:
+            w = tl.load(SW + cols[:, None] * stride_swv + ks[None, :] * stride_swk,
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)             # [BV, BK]
+            dh = _dot(g, w, tl.zeros((G.shape[0], BLOCK_K), G.dtype), IEEE)
+            dh_ptrs = DH + rows[:, None] * stride_dhn + ks[None, :]
+            dh_mask = row_ok[:, None] & k_ok[None, :]
+            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
+        if NEED_DW:
+            h = tl.load(SH + rows[:, None] * stride_shn + ks[None, :] * stride_shk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)             # [BM, BK]
+            dw = _dot(tl.trans(g), h, tl.zeros((G.shape[1], BLOCK_K), G.dtype), IEEE)
+            tl.atomic_add(DW + cols[:, None] * stride_dwv + ks[None, :], dw,
+                          mask=col_ok[:, None] & k_ok[None, :])
+
+
+@triton.heuristics({"HAS_TARGETS": lambda args: args["V_s"] > 0})
+@triton.jit
+def _stream_fwd_kernel(
+        SH, SW, TH, TW,              # [N, d_s], [V_s, d_s], [N, d_t], [V_t, d_t]
+        lam_ptr, w_ptr, tgt_ptr, cw_ptr,   # [N]
+        stats_ptr,                   # [N, 4] out: lse(z), lse(target), KL, lse(s) (compute dtype)
+        distill_ptr, ce_ptr,         # [N] per-row losses out
+        N, V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
+        stride_shn, stride_shk, stride_swv, stride_swk,
+        stride_thn, stride_thk, stride_twv, stride_twk,
+        T, inv_T,
+        REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
+    lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    neg_inf = tl.full((BLOCK_M,), float("-inf"), acc_ty)
+    zero = tl.zeros((BLOCK_M,), acc_ty)
+    m_z, l_z, m_x, l_x, acc = neg_inf, zero, neg_inf, zero, zero
+    m_1, l_1, s_t = neg_inf, zero, zero
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+        cw = tl.load(cw_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
+                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+        u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv, stride_twk,
+                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+        x = _target_logits(s, u, lam, inv_T, REVERSE)
+        valid = col_ok[None, :]
+        m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, valid, m_z, l_z, m_x, l_x, acc, REVERSE)
+        if HAS_TARGETS:
+            m_1, l_1 = _online_lse_update(s, valid, m_1, l_1)
+            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+    if HAS_TARGETS:
+        for v0 in range(V, V_s, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V_s
+            s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
+                            stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            m_1, l_1 = _online_lse_update(s, col_ok[None, :], m_1, l_1)
+            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+
+    lse_z = m_z + tl.log(l_z)
+    lse_x = m_x + tl.log(l_x)
+    if REVERSE:
+        kl = acc / l_z - lse_z + lse_x
+    else:
+        kl = acc / l_x - lse_x + lse_z
+    tl.store(distill_ptr + rows, T * T * w * kl, mask=row_ok)
+    tl.store(stats_ptr + rows * 4 + 0, lse_z, mask=row_ok)
+    tl.store(stats_ptr + rows * 4 + 1, lse_x, mask=row_ok)
+    tl.store(stats_ptr + rows * 4 + 2, kl, mask=row_ok)
+    if HAS_TARGETS:
+        lse_1 = m_1 + tl.log(l_1)
+        tl.store(ce_ptr + rows, cw * (lse_1 - s_t), mask=row_ok)
+        tl.store(stats_ptr + rows * 4 + 3, lse_1, mask=row_ok)
+
+
+@triton.heuristics({"HAS_TARGETS": lambda args: args["V_s"] > 0})
+@triton.jit
+def _stream_bwd_kernel(
+        SH, SW, TH, TW,              # [N, d_s], [V_s, d_s], [N, d_t], [V_t, d_t]
+        lam_ptr, tgt_ptr,            # [N]
+        stats_ptr,                   # [N, 4] from the forward
+        coef_d_ptr, coef_c_ptr,      # [N] g_distill * scale * T * w, g_ce * scale * cw
+        DH, DW,                      # [N, d_s], [V_s, d_s] fp32/fp64 gradient accumulators
+        N, V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
+        stride_shn, stride_shk, stride_swv, stride_swk,
+        stride_thn, stride_thk, stride_twv, stride_twk, stride_dhn, stride_dwv,
+        inv_T,
+        REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
+    lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    lse_z = tl.load(stats_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
+    lse_x = tl.load(stats_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+    kl = tl.load(stats_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
+    coef_d = tl.load(coef_d_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+    if HAS_TARGETS:
+        lse_1 = tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+        coef_c = tl.load(coef_c_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
+
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < V
+        s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
+                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+        u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv, stride_twk,
+                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+        valid = row_ok[:, None] & col_ok[None, :]
+        x = _target_logits(s, u, lam, inv_T, REVERSE)
+        G = _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d, valid, REVERSE)
+        if HAS_TARGETS:
+            G += _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
+        _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s,
+                            stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
+                            NEED_DH, NEED_DW, IEEE, BLOCK_K)
+    if HAS_TARGETS:
+        for v0 in range(V, V_s, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V_s
+            s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
+                            stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            G = _ce_grad_tile(s, cols, tgt, lse_1, coef_c, row_ok[:, None] & col_ok[None, :])
+            _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s,
+                                stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
+                                NEED_DH, NEED_DW, IEEE, BLOCK_K)
+
+
+# =============================================================================================
+# Launchers and autograd.Functions
+# =============================================================================================
+@dataclasses.dataclass(frozen=True)
+class DistillParams:
+    """Non-tensor options of one call (CCE's CCEParams): one ctx argument, one None in backward."""
+    temperature: float
+    vocab: int                 # shared vocabulary V (prefix of both)
+    reverse: bool
+    reduction: str
+    has_targets: bool
+    workspace_bytes: int | None = None
+
+    def scale(self, num_rows: int) -> float:
+        return 1.0 / max(num_rows, 1) if self.reduction == "mean" else 1.0
+
+
+def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _pair(hidden: torch.Tensor, weight: torch.Tensor, compute: torch.dtype):
+    """Operands of one logit GEMM in one dtype: kept as they are when they agree (bf16 stays bf16
+    for the tensor cores, fp32 accumulation), else both cast to the compute dtype (rare)."""
+    if hidden.dtype == weight.dtype and (compute != torch.float64 or hidden.dtype == torch.float64):
+        return hidden, weight
+    return hidden.to(compute), weight.to(compute)
+
+
+def _row_vectors(num_rows, row_lambda, row_weight, targets, ce_weight, compute, device):
+    lam = row_lambda.to(device=device, dtype=compute).contiguous()
+    w = row_weight.to(device=device, dtype=compute).contiguous()
+    if targets is None:
+        return lam, w, lam, w                                   # dummies, never read
+    tgt = targets.to(device=device, dtype=torch.int64).contiguous()
+    cw = (torch.ones(num_rows, dtype=compute, device=device) if ce_weight is None
+          else ce_weight.to(device=device, dtype=compute).contiguous())
+    return lam, w, tgt, cw
+
+
+def workspace_rows(num_rows: int, width: int, elem_bytes: int, device: torch.device,
+                   workspace_bytes: int | None = None) -> int:
+    """Rows per chunk so that the two [rows, width] workspaces fit the byte budget.
+
+    Budget: `workspace_bytes`, else env TIDE_WORKSPACE_BYTES, else min(1 GiB, free memory / 4)
+    on CUDA (1 GiB elsewhere). Independent of N: the workspace never grows with N.
+    """
+    budget = workspace_bytes
+    if budget is None and os.environ.get("TIDE_WORKSPACE_BYTES"):
+        budget = int(os.environ["TIDE_WORKSPACE_BYTES"])
+    if budget is None:
+        budget = DEFAULT_WORKSPACE_BYTES
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = min(budget, free // 4)
+    rows = max(1, budget // max(1, 2 * width * elem_bytes))
+    if rows >= 256:
+        rows = rows // 128 * 128                                 # whole GEMM tiles
+    return min(rows, max(num_rows, 1))
+
+
+def _row_kernel_config(width: int):
+    if _interpreting():
+        return 2, 128, 4
+    return 1, min(4096, triton.next_power_of_2(max(width, 16))), 8   # BLOCK_R, BLOCK_V, num_warps
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Row-chunked workspace: GEMMs into a bounded [c, V_s'] fp32 workspace, fused row kernel,
+    gradient GEMMs; gradients for unit upstream gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                row_lambda, row_weight, targets, ce_weight, params: DistillParams):
+        compute = _compute_dtype(student_hidden)
+        device = student_hidden.device
+        num_rows, d_s = student_hidden.shape
+        V = params.vocab
+        V_s = student_weight.shape[0]
+        width = V_s if params.has_targets else V                 # student logit columns needed
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_dh or need_dw
+        sh, sw = _pair(student_hidden, student_weight, compute)
+        th, tw = _pair(teacher_hidden, teacher_weight, compute)
+        sw, tw = sw[:width], tw[:V]
+        lam, w, tgt, cw = _row_vectors(num_rows, row_lambda, row_weight, targets, ce_weight, compute, device)
+        scale = params.scale(num_rows)
+        T = params.temperature
+        n_terms = 2 if params.has_targets else 1
+
+        distill_rows = torch.zeros(num_rows, dtype=compute, device=device)
+        ce_rows = torch.zeros(num_rows if params.has_targets else 0, dtype=compute, device=device)
+        grads_h = [torch.zeros(num_rows, d_s, dtype=compute, device=device) if need_dh else None
+                   for _ in range(n_terms)]
+        grads_w = [torch.zeros(V_s, d_s, dtype=compute, device=device) if need_dw else None
+                   for _ in range(n_terms)]
+
+        chunk = workspace_rows(num_rows, width, torch.finfo(compute).bits // 8, device, params.workspace_bytes)
+        ws_s = torch.empty(chunk, width, dtype=compute, device=device)       # student logits -> d distill
+        ws_u = torch.empty(chunk, width, dtype=compute, device=device)       # teacher logits -> d CE
+        block_r, block_v, warps = _row_kernel_config(width)
+        for r0 in range(0, num_rows, chunk):
+            r1 = min(num_rows, r0 + chunk)
+            c = r1 - r0
+            S, U = ws_s[:c], ws_u[:c]
+            _matmul(sh[r0:r1], sw.T, S)                                      # [c, width]
+            _matmul(th[r0:r1], tw.T, U[:, :V])                               # [c, V]
+            _chunk_rows_kernel[(triton.cdiv(c, block_r),)](
+                S, U, lam[r0:], w[r0:], tgt[r0:], cw[r0:], distill_rows[r0:],
+                (ce_rows if params.has_targets else distill_rows)[r0:],
+                c, V, V_s if params.has_targets else 0, S.stride(0), U.stride(0),
+                T, 1.0 / T, scale,
+                REVERSE=params.reverse, NEED_GRAD=need_grad, BLOCK_R=block_r, BLOCK_V=block_v,
+                num_warps=warps)
+            if not need_grad:
+                continue
+            for term, G in enumerate((S, U)[:n_terms]):                      # G: d term / d logits
+                if need_dh:
+                    _matmul(G, sw, grads_h[term][r0:r1])                     # [c, d_s]
+                if need_dw:
+                    _matmul(G.T, sh[r0:r1], grads_w[term][:width], accumulate=True)   # [width, d_s]
+        del ws_s, ws_u
+
+        ctx.params = params
+        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
+        ctx.save_for_backward(*[g for g in grads_h + grads_w if g is not None])
+        ctx.need = (need_dh, need_dw, n_terms)
+        distill = distill_rows.sum() * scale
+        if params.has_targets:
+            return distill, ce_rows.sum() * scale
+        return distill
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        need_dh, need_dw, n_terms = ctx.need
+        saved = list(ctx.saved_tensors)
+        grads_h = [saved.pop(0) for _ in range(n_terms)] if need_dh else None
+        grads_w = [saved.pop(0) for _ in range(n_terms)] if need_dw else None
+
+        def combine(grads, dtype):
+            if grads is None:
+                return None
+            out = grads[0] * grad_outputs[0].to(grads[0].dtype)
+            for g, go in zip(grads[1:], grad_outputs[1:]):
+                out = out.add_(g * go.to(g.dtype))
+            return out.to(dtype)
+
+        return (combine(grads_h, ctx.in_dtypes[0]), combine(grads_w, ctx.in_dtypes[1]),
+                None, None, None, None, None, None, None)
+
+
+def _stream_config(elem_bytes: int):
+    if _interpreting():
+        return 16, 64, 32, 4, 1           # BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages
+    if elem_bytes >= 4:
+        return 64, 64, 32, 4, 2
+    return 64, 128, 64, 8, 3
+
+
+def _stream_strides(sh, sw, th, tw):
+    return (sh.stride(0), sh.stride(1), sw.stride(0), sw.stride(1),
+            th.stride(0), th.stride(1), tw.stride(0), tw.stride(1))
+
+
+class _StreamDistill(torch.autograd.Function):
+    """Fully streaming: forward keeps 4 statistics per row; backward recomputes the logit tiles."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                row_lambda, row_weight, targets, ce_weight, params: DistillParams):
+        compute = _compute_dtype(student_hidden)
+        device = student_hidden.device
+        num_rows, d_s = student_hidden.shape
+        d_t = teacher_hidden.shape[1]
+        V, V_s = params.vocab, student_weight.shape[0]
+        sh, sw = _pair(student_hidden, student_weight, compute)
+        th, tw = _pair(teacher_hidden, teacher_weight, compute)
+        if th.dtype != sh.dtype:                 # one dot dtype inside the kernel
+            th, tw = th.to(sh.dtype), tw.to(sh.dtype)
+        lam, w, tgt, cw = _row_vectors(num_rows, row_lambda, row_weight, targets, ce_weight, compute, device)
+        stats = torch.zeros(num_rows, 4, dtype=compute, device=device)
+        distill_rows = torch.zeros(num_rows, dtype=compute, device=device)
+        ce_rows = torch.zeros(num_rows if params.has_targets else 0, dtype=compute, device=device)
+        ieee = sh.dtype in (torch.float32, torch.float64)
+        bm, bv, bk, warps, stages = _stream_config(sh.element_size())
+        if num_rows:
+            _stream_fwd_kernel[(triton.cdiv(num_rows, bm),)](
+                sh, sw, th, tw, lam, w, tgt, cw, stats, distill_rows,
+                ce_rows if params.has_targets else distill_rows,
+                num_rows, V, V_s if params.has_targets else 0, d_s, d_t, *_stream_strides(sh, sw, th, tw),
+                params.temperature, 1.0 / params.temperature,
+                REVERSE=params.reverse, IEEE=ieee, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                num_warps=warps, num_stages=stages)
+        ctx.params = params
+        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
+        ctx.save_for_backward(sh, sw, th, tw, lam, w, tgt, cw, stats)
+        scale = params.scale(num_rows)
+        distill = distill_rows.sum() * scale
+        if params.has_targets:
+            return distill, ce_rows.sum() * scale
+        return distill
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        sh, sw, th, tw, lam, w, tgt, cw, stats = ctx.saved_tensors
+        params = ctx.params
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_rows, d_s = sh.shape
+        d_t = th.shape[1]
+        V_s = sw.shape[0]
+        compute = stats.dtype
+        scale = params.scale(num_rows)
+        T = params.temperature
+        coef_d = (grad_outputs[0].to(compute) * (scale * T)) * w               # [N], on device: no sync
+        coef_c = (grad_outputs[1].to(compute) * scale) * cw if params.has_targets else coef_d
+        dh = torch.zeros(num_rows, d_s, dtype=compute, device=sh.device) if need_dh else stats
+        dw = torch.zeros(V_s, d_s, dtype=compute, device=sh.device) if need_dw else stats
+        bm, bv, bk, warps, stages = _stream_config(sh.element_size())
+        if num_rows and (need_dh or need_dw):
+            _stream_bwd_kernel[(triton.cdiv(num_rows, bm),)](
+                sh, sw, th, tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
+                num_rows, params.vocab, V_s if params.has_targets else 0, d_s, d_t,
+                *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T,
+                REVERSE=params.reverse, NEED_DH=need_dh, NEED_DW=need_dw,
+                IEEE=sh.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                num_warps=warps, num_stages=stages)
+        return (dh.to(ctx.in_dtypes[0]) if need_dh else None, dw.to(ctx.in_dtypes[1]) if need_dw else None,
+                None, None, None, None, None, None, None)
+
+
+def fused_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                       row_lambda, row_weight, targets=None, ce_weight=None, *,
+                       temperature: float, shared_vocab: int, reverse: bool, reduction: str,
+                       stream: bool = False, workspace_bytes: int | None = None):
+    """Same arguments, returns and gradients as tide.reference.distill_loss (already checked by
+    tide.losses). stream=False: row-chunked workspace (impl="triton"); stream=True: fully
+    streaming kernels (impl="triton_stream"). workspace_bytes bounds the chunk workspace."""
+    params = DistillParams(temperature=float(temperature), vocab=int(shared_vocab), reverse=bool(reverse),
+                           reduction=reduction, has_targets=targets is not None,
+                           workspace_bytes=workspace_bytes)
+    fn = _StreamDistill if stream else _ChunkedDistill
+    return fn.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
+                    row_lambda, row_weight, targets, ce_weight, params)
