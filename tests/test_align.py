@@ -126,6 +126,61 @@ def test_random_strings_match_reference_and_properties(teacher_name, student_nam
         check_properties(text, al, t_special, s_special)
 
 
+def random_offsets(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """Synthetic offsets over n characters, starts non-decreasing: tokens, dropped
+    characters, empty tokens, repeated spans (byte pieces), partial overlaps."""
+    out, p = [], 0
+    while p < n:
+        kind = rng.random()
+        k = min(n - p, rng.randint(1, 4))
+        if kind < 0.5:
+            out.append((p, p + k))
+        elif kind < 0.6:
+            pass  # dropped characters
+        elif kind < 0.7:
+            out.append((p, p))
+            continue
+        elif kind < 0.85:
+            out.extend([(p, p + k)] * rng.randint(2, 3))
+        else:
+            out.extend([(p, p + k), (p + k - 1, p + k)] if k >= 2 else [(p, p + k)])
+        p += k
+    if rng.random() < 0.3:
+        out.append((n, n))
+    return out
+
+
+def test_synthetic_offsets_match_reference():
+    rng = random.Random(7)
+    for _ in range(400):
+        n = rng.randint(0, 30)
+        t_off, s_off = random_offsets(rng, n), random_offsets(rng, n)
+        t_exc = [rng.random() < 0.05 for _ in t_off]
+        s_exc = [rng.random() < 0.05 for _ in s_off]
+        assert align_offsets(t_off, s_off, teacher_excluded=t_exc, student_excluded=s_exc) == \
+            reference_chunks(t_off, s_off, t_exc, s_exc), (t_off, s_off, t_exc, s_exc)
+
+
+def test_out_of_order_offsets_still_give_contiguous_disjoint_chunks():
+    rng = random.Random(11)
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        t_off, s_off = random_offsets(rng, n), random_offsets(rng, n)
+        for off in (t_off, s_off):
+            if len(off) >= 2:
+                k = rng.randrange(len(off) - 1)
+                off[k], off[k + 1] = off[k + 1], off[k]
+        chunks = align_offsets(t_off, s_off)
+        previous_t = previous_s = 0
+        for t0, t1, s0, s1 in chunks:
+            assert previous_t <= t0 < t1 and previous_s <= s0 < s1
+            previous_t, previous_s = t1, s1
+            t_chars, s_chars = covered(t_off[t0:t1]), covered(s_off[s0:s1])
+            # no token outside the chunk covers a character the chunk covers
+            others = covered(t_off[:t0] + t_off[t1:]) | covered(s_off[:s0] + s_off[s1:])
+            assert not (t_chars | s_chars) & others
+
+
 def test_same_tokenizer_gives_one_chunk_per_token():
     tok = toks.byte_bpe()
     text = "def main():\n    print('hello, world')  # 漢字 😀\n"

@@ -253,6 +253,8 @@ def test_bad_input_gets_clear_errors(chatml_bpe):
         text_example("abc", student_tokenizer=chatml_bpe, mode="same")
     with pytest.raises(ValueError, match="student_maskable"):
         Example([1, 2], [1], [True], [True], [-1, -1], [-1])
+    with pytest.raises(ValueError, match="student_chunk_ids"):
+        Example([1], [1], [True], [True], [0], [0], num_chunks=0)
     with pytest.raises(ValueError, match="aligned_pairs"):
         Example([1], [1], [True], [True], [-1], [-1], aligned_pairs=[(0, 3)])
     upper = toks.with_template(toks.byte_bpe(), "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}")

@@ -48,7 +48,10 @@ tokenizes and calls it.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+
+import numpy as np
 
 __all__ = ["Alignment", "align_offsets", "chunk_alignment", "encode_with_offsets", "special_token_ids"]
 
@@ -146,146 +149,133 @@ def chunk_alignment(text: str, teacher_tokenizer, student_tokenizer, *,
     """
     teacher_ids, teacher_offsets = encode_with_offsets(text, teacher_tokenizer, "teacher_tokenizer")
     student_ids, student_offsets = encode_with_offsets(text, student_tokenizer, "student_tokenizer")
-    t_special, s_special = special_token_ids(teacher_tokenizer), special_token_ids(student_tokenizer)
     chunks = align_offsets(teacher_offsets, student_offsets,
-                           teacher_excluded=[i in t_special for i in teacher_ids] if t_special else None,
-                           student_excluded=[i in s_special for i in student_ids] if s_special else None)
+                           teacher_excluded=_special_flags(teacher_ids, teacher_tokenizer),
+                           student_excluded=_special_flags(student_ids, student_tokenizer))
     alignment = Alignment(teacher_ids, student_ids, chunks, teacher_offsets, student_offsets)
     if teacher_max_length is not None or student_max_length is not None:
         alignment = alignment.truncated(teacher_max_length, student_max_length)
     return alignment
 
 
+def _special_flags(ids, tokenizer):
+    special = special_token_ids(tokenizer)
+    if special.isdisjoint(ids):
+        return None
+    return [i in special for i in ids]
+
+
 def align_offsets(teacher_offsets, student_offsets, *, teacher_excluded=None,
                   student_excluded=None) -> list[Chunk]:
     """Chunks `(teacher_start, teacher_end, student_start, student_end)` from offsets alone.
 
-    teacher_offsets `[L_t]`, student_offsets `[L_s]`: `(start, end)` character spans
-    of each token in one common coordinate system (the same text).
+    teacher_offsets `[L_t, 2]`, student_offsets `[L_s, 2]`: `(start, end)` character
+    spans of each token in one common coordinate system (the same text); lists of
+    pairs or integer arrays.
     teacher_excluded `[L_t]`, student_excluded `[L_s]`: optional flags of tokens that
     may not be in a chunk (special, prompt or template tokens): the component
     holding one is dropped on both sides (rule 6).
+
+    Vectorised (numpy): components by a running maximum of interval ends over
+    both sides' intervals sorted by start (rule 2), empty tokens by forward and
+    backward fill (rule 5), token ranges per component by binary search.
     """
-    teacher_offsets = _checked_offsets("teacher", teacher_offsets, teacher_excluded)
-    student_offsets = _checked_offsets("student", student_offsets, student_excluded)
-    t_comp, s_comp, num_components = _components(teacher_offsets, student_offsets)
+    t_offsets = _checked_offsets("teacher", teacher_offsets, teacher_excluded)
+    s_offsets = _checked_offsets("student", student_offsets, student_excluded)
+    t_comp, s_comp, num_components = _components(t_offsets, s_offsets)
     t_comp, s_comp = _attach_empty(t_comp), _attach_empty(s_comp)
     if not (_non_decreasing(t_comp) and _non_decreasing(s_comp)):
         t_comp, s_comp, num_components = _merge_out_of_order(t_comp, s_comp, num_components)
-    t_first, t_last, t_dropped = _spans(t_comp, teacher_excluded, num_components)
-    s_first, s_last, s_dropped = _spans(s_comp, student_excluded, num_components)
-    return [(t_first[c], t_last[c] + 1, s_first[c], s_last[c] + 1)
-            for c in range(num_components)
-            if t_first[c] >= 0 and s_first[c] >= 0 and not (t_dropped[c] or s_dropped[c])]
+    components = np.arange(num_components)
+    t_first, t_end = np.searchsorted(t_comp, components, "left"), np.searchsorted(t_comp, components, "right")
+    s_first, s_end = np.searchsorted(s_comp, components, "left"), np.searchsorted(s_comp, components, "right")
+    keep = (t_end > t_first) & (s_end > s_first)
+    for comp, excluded in ((t_comp, teacher_excluded), (s_comp, student_excluded)):
+        if excluded is not None:
+            flagged = comp[np.asarray(excluded, dtype=bool) & (comp >= 0)]
+            keep[flagged] = False
+    return list(zip(t_first[keep].tolist(), t_end[keep].tolist(),
+                    s_first[keep].tolist(), s_end[keep].tolist()))
 
 
-def _checked_offsets(name, offsets, excluded):
-    offsets = [tuple(span) for span in offsets]
-    for span in offsets:
-        if len(span) != 2 or not 0 <= span[0] <= span[1]:
-            raise ValueError(f"{name}_offsets must hold (start, end) pairs with 0 <= start <= end, "
-                             f"got {span!r}")
-    if excluded is not None and len(excluded) != len(offsets):
-        raise ValueError(f"{name}_excluded has {len(excluded)} flags for {len(offsets)} "
+def _checked_offsets(name, offsets, excluded) -> np.ndarray:
+    """The offsets as an int64 array `[L, 2]`, checked."""
+    if isinstance(offsets, np.ndarray):
+        array = offsets.astype(np.int64, copy=False).reshape(-1, 2) if offsets.size == 0 else offsets
+    else:  # a list of pairs; np.fromiter over the flat values is ~3x faster than np.asarray
+        try:
+            if sum(map(len, offsets)) != 2 * len(offsets):
+                raise ValueError
+            flat = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}_offsets must be a sequence of (start, end) integer pairs") from None
+        array = flat.reshape(-1, 2)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"{name}_offsets must be a sequence of (start, end) pairs, got shape {array.shape}")
+    bad = (array[:, 0] < 0) | (array[:, 0] > array[:, 1])
+    if bad.any():
+        raise ValueError(f"{name}_offsets must hold (start, end) pairs with 0 <= start <= end, "
+                         f"got {tuple(array[bad.argmax()].tolist())}")
+    if excluded is not None and len(excluded) != len(array):
+        raise ValueError(f"{name}_excluded has {len(excluded)} flags for {len(array)} "
                          f"{name}_offsets (lengths must match)")
-    return offsets
+    return array
 
 
 def _components(t_offsets, s_offsets):
-    """Component index of each non-empty token (None for empty ones), and the count.
+    """Component index of each non-empty token (-1 for empty ones), and the count.
 
-    Sweep both sides' intervals in order of start; an interval starting at or
-    after the current component's end opens a new component (rule 2).
+    Both sides' non-empty intervals sorted by start: an interval opens a new
+    component when it starts at or after every earlier interval's end (rule 2).
     """
-    t_comp: list[int | None] = [None] * len(t_offsets)
-    s_comp: list[int | None] = [None] * len(s_offsets)
-    t_order, s_order = _order_by_start(t_offsets), _order_by_start(s_offsets)
-    i = j = 0
-    n_t, n_s = len(t_order), len(s_order)
-    component, end = -1, -1
-    while i < n_t or j < n_s:
-        if j >= n_s or (i < n_t and t_offsets[t_order[i]][0] <= s_offsets[s_order[j]][0]):
-            index, comp_list = t_order[i], t_comp
-            start, stop = t_offsets[index]
-            i += 1
-        else:
-            index, comp_list = s_order[j], s_comp
-            start, stop = s_offsets[index]
-            j += 1
-        if start >= end:
-            component += 1
-            end = stop
-        elif stop > end:
-            end = stop
-        comp_list[index] = component
-    return t_comp, s_comp, component + 1
-
-
-def _order_by_start(offsets):
-    """Indices of the non-empty tokens sorted by start (already so, almost always)."""
-    order = [k for k, (start, stop) in enumerate(offsets) if stop > start]
-    previous = -1
-    for k in order:
-        start = offsets[k][0]
-        if start < previous:
-            return sorted(order, key=lambda k: offsets[k][0])
-        previous = start
-    return order
+    t_nonempty = t_offsets[:, 1] > t_offsets[:, 0]
+    s_nonempty = s_offsets[:, 1] > s_offsets[:, 0]
+    starts = np.concatenate([t_offsets[t_nonempty, 0], s_offsets[s_nonempty, 0]])
+    ends = np.concatenate([t_offsets[t_nonempty, 1], s_offsets[s_nonempty, 1]])
+    order = np.argsort(starts, kind="stable")
+    sorted_ends = ends[order]
+    previous_end = np.empty_like(sorted_ends)
+    previous_end[:1] = -1
+    previous_end[1:] = np.maximum.accumulate(sorted_ends)[:-1]
+    sorted_comp = np.cumsum(starts[order] >= previous_end) - 1
+    comp = np.empty_like(sorted_comp)
+    comp[order] = sorted_comp
+    t_comp = np.full(len(t_offsets), -1, dtype=np.int64)
+    s_comp = np.full(len(s_offsets), -1, dtype=np.int64)
+    num_t = int(t_nonempty.sum())
+    t_comp[t_nonempty] = comp[:num_t]
+    s_comp[s_nonempty] = comp[num_t:]
+    return t_comp, s_comp, int(sorted_comp[-1]) + 1 if len(sorted_comp) else 0
 
 
 def _attach_empty(comp):
-    """Empty tokens take the component of the next non-empty token (rule 5)."""
-    out = list(comp)
-    following = None
-    for k in range(len(out) - 1, -1, -1):
-        if out[k] is None:
-            out[k] = following
-        else:
-            following = out[k]
-    previous = None
-    for k in range(len(out)):  # trailing empty tokens: the previous one's component
-        if out[k] is None:
-            out[k] = previous
-        else:
-            previous = out[k]
-    return out
+    """Empty tokens (-1) take the component of the next non-empty token, else of
+    the previous one (rule 5); a side with no non-empty token stays all -1."""
+    empty = comp < 0
+    if not empty.any() or empty.all():
+        return comp
+    n = len(comp)
+    index = np.arange(n)
+    following = np.minimum.accumulate(np.where(empty, n, index)[::-1])[::-1]
+    previous = np.maximum.accumulate(np.where(empty, -1, index))
+    return comp[np.where(following < n, following, previous)]
 
 
-def _non_decreasing(comp):
-    return all(a <= b for a, b in zip(comp, comp[1:]) if a is not None)
+def _non_decreasing(comp) -> bool:
+    return bool(np.all(comp[1:] >= comp[:-1]))
 
 
 def _merge_out_of_order(t_comp, s_comp, num_components):
     """Rule 7: merge every component range [c, m] where a token of component c
     follows one of component m > c; afterwards both sides are non-decreasing."""
-    joins = [False] * max(num_components - 1, 0)  # joins[c]: c is merged with c + 1
+    coverage = np.zeros(num_components + 1, dtype=np.int64)  # > 0 on k: k joins k + 1
     for comp in (t_comp, s_comp):
-        running = -1
-        for c in comp:
-            if c is None:
-                continue
-            for k in range(c, running):
-                joins[k] = True
-            running = max(running, c)
-    group, current = [0] * num_components, 0
-    for c in range(1, num_components):
-        current += not joins[c - 1]
-        group[c] = current
-    return ([None if c is None else group[c] for c in t_comp],
-            [None if c is None else group[c] for c in s_comp],
-            current + 1 if num_components else 0)
-
-
-def _spans(comp, excluded, num_components):
-    """First and last token of each component on one side, and which are dropped."""
-    first, last = [-1] * num_components, [-1] * num_components
-    dropped = [False] * num_components
-    for k, c in enumerate(comp):
-        if c is None:  # this side has no non-empty token at all
-            continue
-        if first[c] < 0:
-            first[c] = k
-        last[c] = k
-        if excluded is not None and excluded[k]:
-            dropped[c] = True
-    return first, last, dropped
+        comp = comp[comp >= 0]
+        running = np.maximum.accumulate(comp) if len(comp) else comp
+        late = comp < running
+        np.add.at(coverage, comp[late], 1)
+        np.add.at(coverage, running[late], -1)
+    joins = np.cumsum(coverage)[:max(num_components - 1, 0)] > 0
+    group = np.concatenate([[0], np.cumsum(~joins)])
+    merged = [np.where(comp >= 0, group[np.maximum(comp, 0)], -1) for comp in (t_comp, s_comp)]
+    return merged[0], merged[1], int(group[-1]) + 1 if num_components else 0

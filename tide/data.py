@@ -86,6 +86,10 @@ class Example:
                 if len(getattr(self, name)) != n:
                     raise ValueError(f"Example.{name} has length {len(getattr(self, name))}, "
                                      f"but {side}_input_ids has length {n}")
+        for name in ("student_chunk_ids", "teacher_chunk_ids"):
+            values = getattr(self, name)
+            if values and (min(values) < -1 or max(values) >= self.num_chunks):
+                raise ValueError(f"Example.{name} must lie in [-1, num_chunks={self.num_chunks})")
         n_s, n_t = len(self.student_input_ids), len(self.teacher_input_ids)
         for s, t in self.aligned_pairs:
             if not (0 <= s < n_s and 0 <= t < n_t):
