@@ -67,8 +67,12 @@ class TokenLogprobConfig:
     num_splits: int | None = None   # vocabulary ranges in the forward; None: fill the device
 
 
-def default_config(device: torch.device) -> TokenLogprobConfig:
+def default_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TokenLogprobConfig:
     if device.type == "cuda":
+        if dtype == torch.float64:      # 8-byte tiles: smaller, or the shared memory runs out
+            return TokenLogprobConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
+        if dtype == torch.float32:
+            return TokenLogprobConfig(block_n=128, block_v=128, block_d=32, num_stages=2)
         return TokenLogprobConfig()
     # Interpreter (TRITON_INTERPRET=1): small tiles, everything is numpy.
     return TokenLogprobConfig(block_n=16, block_v=32, block_d=16, group_n=2, num_warps=1, num_stages=1,
@@ -237,7 +241,7 @@ def _num_splits(config, num_rows, vocab, device):
 
 def token_logprob_forward(hidden, weight, targets, config=None):
     """Returns `(logprobs [N], lse [N])` in the accumulation dtype. No autograd."""
-    config = config or default_config(hidden.device)
+    config = config or default_config(hidden.device, hidden.dtype)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -263,7 +267,7 @@ def token_logprob_forward(hidden, weight, targets, config=None):
 
 def token_logprob_backward(hidden, weight, targets, lse, grad_out, need_hidden, need_weight, config=None):
     """Returns `(grad_hidden or None, grad_weight or None)` in the input dtypes."""
-    config = config or default_config(hidden.device)
+    config = config or default_config(hidden.device, hidden.dtype)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
