@@ -102,6 +102,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# Under TRITON_INTERPRET=1 (3.6), tl.dot on bfloat16 tiles multiplies the raw bits; upcast first.
+_INTERPRET_BF16 = tl.constexpr(_interpreting())
+
+
 # =============================================================================================
 # Shared tile math: both strategies call these on [R, BLOCK_V] tiles of logits.
 # =============================================================================================
@@ -158,6 +162,11 @@ def _ce_grad_tile(s, cols, tgt, lse_1, coef, valid):
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b, accumulating in acc's dtype (fp32, or fp64 for fp64 inputs); IEEE: exact fp32."""
+    if _INTERPRET_BF16:      # the interpreter's numpy dot reads bf16 as integers: exact upcast instead
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return tl.dot(a, b, acc, out_dtype=acc.dtype)

@@ -1,0 +1,252 @@
+"""Fused Triton TIDAL / KL (+ CE), both strategies, under TRITON_INTERPRET=1 on CPU.
+
+Ground truth: tide.reference.distill_loss (eager, autograd) in float64, where the
+interpreter runs tl.dot in float64 too, so the kernels must agree to ~1e-9 relative.
+Plus one float32 and one bf16 case against the float32 reference with dtype-sized
+tolerances, the public functions (every option) against impl="reference", and a
+check that no tensor of [N, V] size is ever created by the Triton paths.
+
+Ragged everywhere: V_s = 301, V_t = 283, shared 257 (no block size divides them),
+N = 37 with a workspace of 5 rows (the chunk size does not divide N).
+"""
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+os.environ.setdefault("TRITON_INTERPRET", "1")      # before triton is imported
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+import tide  # noqa: E402
+from tide import reference, schedules  # noqa: E402
+from tide.kernels import tidal  # noqa: E402
+
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+STRATEGIES = ("chunked", "stream")
+
+
+def workspace_for(rows, width, elem_bytes):
+    """Byte budget that gives `rows` rows per chunk for a workspace of this width."""
+    return 2 * width * elem_bytes * rows
+
+
+def make_inputs(num_rows=37, student_vocab=301, teacher_vocab=283, d_s=24, d_t=40,
+                dtype=torch.float64, seed=0):
+    """Realistic logit scale: weights scaled by 2 / sqrt(d), so logits have std ~2."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    sh = torch.randn(num_rows, d_s, generator=g, dtype=f64)
+    sw = torch.randn(student_vocab, d_s, generator=g, dtype=f64) * 2 / d_s ** 0.5
+    th = torch.randn(num_rows, d_t, generator=g, dtype=f64)
+    tw = torch.randn(teacher_vocab, d_t, generator=g, dtype=f64) * 2 / d_t ** 0.5
+    t = torch.rand(num_rows, generator=g, dtype=f64)
+    if num_rows >= 3:
+        t[0], t[1] = 0.0, 1.0                              # the ends: t = 0 and t = 1 (all masked)
+    targets = torch.randint(0, student_vocab, (num_rows,), generator=g)
+    ce_weight = torch.rand(num_rows, generator=g, dtype=f64) * 3
+    if num_rows >= 4:
+        ce_weight[2] = 0.0                                 # a row that takes no CE
+    to = dict(device=DEVICE, dtype=dtype)
+    return (sh.to(**to), sw.to(**to), th.to(**to), tw.to(**to), t.to(DEVICE), targets.to(DEVICE),
+            ce_weight.to(DEVICE))
+
+
+def run(fn, tensors, grad_outputs, requires):
+    """Loss value(s) and gradients of student_hidden / student_weight (None where not required)."""
+    leaves = [t.detach().clone().requires_grad_(r) for t, r in zip(tensors[:2], requires)]
+    out = fn(*leaves, *tensors[2:])
+    outs = out if isinstance(out, tuple) else (out,)
+    wanted = [x for x in leaves if x.requires_grad]
+    grads = [None, None]
+    if wanted:
+        total = sum(o * g for o, g in zip(outs, grad_outputs))
+        got = iter(torch.autograd.grad(total, wanted))
+        grads = [next(got) if x.requires_grad else None for x in leaves]
+    return [o.detach() for o in outs], grads
+
+
+def assert_close(got, want, rtol, what):
+    if want is None:
+        assert got is None, what
+        return
+    assert got is not None, what
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
+    if want.numel() == 0:
+        return
+    err = (got.double() - want.double()).abs().max().item()
+    scale = max(want.double().abs().max().item(), 1e-30)
+    assert err <= rtol * scale, f"{what}: max abs err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
+
+
+def compare(strategy, *, num_rows=37, chunk_rows=5, dtype=torch.float64, rtol=1e-9, reverse=False,
+            with_targets=True, with_ce_weight=True, shared=(301, 283, 257), reduction="mean",
+            requires=(True, True), progress=0.6, grad_outputs=(0.7, -1.3), seed=0):
+    student_vocab, teacher_vocab, vocab = shared
+    sh, sw, th, tw, t, targets, ce_weight = make_inputs(num_rows, student_vocab, teacher_vocab, dtype=dtype,
+                                                        seed=seed)
+    lam = schedules.row_lambda(t, progress)
+    w = schedules.timestep_weight(t)
+    if reverse:
+        lam, w = torch.ones_like(lam), torch.ones_like(w)
+    targets = targets if with_targets else None
+    ce_weight = ce_weight.to(dtype) if with_targets and with_ce_weight else None
+    kwargs = dict(temperature=2.0, shared_vocab=vocab, reverse=reverse, reduction=reduction)
+    width = student_vocab if with_targets else vocab
+    elem = 8 if dtype == torch.float64 else 4
+    budget = workspace_for(chunk_rows, width, elem)
+    rest = (th, tw, lam, w, targets, ce_weight)
+
+    def fused(a, b, *others):
+        return tidal.fused_distill_loss(a, b, *others, **kwargs, stream=(strategy == "stream"),
+                                        workspace_bytes=budget)
+
+    def eager(a, b, *others):
+        if dtype == torch.float64:
+            return reference.distill_loss(a, b, *others, **kwargs)
+        return reference.distill_loss(a, b, *others, **kwargs)   # upcasts to fp32 itself
+
+    n_out = 2 if with_targets else 1
+    gos = tuple(torch.tensor(g, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                for g in grad_outputs[:n_out])
+    got_out, got_grads = run(fused, (sh, sw) + rest, gos, requires)
+    want_out, want_grads = run(eager, (sh, sw) + rest, gos, requires)
+    assert len(got_out) == len(want_out) == n_out
+    for i, (g, r) in enumerate(zip(got_out, want_out)):
+        assert g.dtype == r.dtype, (g.dtype, r.dtype)
+        assert_close(g, r, rtol, f"loss output {i}")
+    grad_rtol = rtol if dtype != torch.bfloat16 else 3e-2   # bf16: the logit gradient is rounded for the dot
+    assert_close(got_grads[0], want_grads[0], grad_rtol, "d student_hidden")
+    assert_close(got_grads[1], want_grads[1], grad_rtol, "d student_weight")
+    return got_out, got_grads
+
+
+# ----------------------------------------------------------------------------- float64, every branch
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", [
+    dict(),                                                             # TIDAL + weighted CE, V_s != V_t, mean
+    dict(with_ce_weight=False, reduction="sum", progress=0.0),          # unweighted CE, sum
+    dict(with_targets=False, shared=(283, 283, 283)),                   # TIDAL alone, V_s == V_t
+    dict(reverse=True),                                                 # reverse KL + CE
+    dict(reverse=True, with_targets=False, reduction="sum", shared=(301, 283, 283)),
+], ids=["tidal_ce", "tidal_ce_sum", "tidal", "reverse_ce", "reverse_sum"])
+def test_float64_matches_reference(strategy, case):
+    compare(strategy, **case)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("requires", [(True, False), (False, True), (False, False)], ids=["h", "w", "none"])
+def test_partial_requires_grad(strategy, requires):
+    compare(strategy, requires=requires, num_rows=11, chunk_rows=4, reverse=requires == (True, False))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("num_rows", [0, 1])
+def test_tiny_batches(strategy, num_rows):
+    out, grads = compare(strategy, num_rows=num_rows, chunk_rows=3)
+    if num_rows == 0:
+        assert all(o.item() == 0.0 for o in out)
+        assert grads[0].shape == (0, 24) and grads[1].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_one_output_unused(strategy):
+    """Upstream gradient 0 for CE: only the distillation gradient must remain."""
+    compare(strategy, num_rows=9, grad_outputs=(1.0, 0.0))
+    compare(strategy, num_rows=9, grad_outputs=(0.0, 2.0), reverse=True)
+
+
+# ----------------------------------------------------------------------------- lower precisions
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32(strategy):
+    compare(strategy, dtype=torch.float32, rtol=2e-5, num_rows=13)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bfloat16(strategy):
+    # bf16 inputs are exact in fp32; logits accumulate in fp32 like the reference's upcast, so the
+    # loss is fp32-accurate; the gradient GEMMs take the logit gradient rounded to bf16 (3e-2).
+    compare(strategy, dtype=torch.bfloat16, rtol=2e-5, num_rows=13, reverse=False)
+
+
+# ----------------------------------------------------------------------------- public functions
+@pytest.mark.parametrize("impl", ["triton", "triton_stream"])
+def test_public_functions_every_option(impl, monkeypatch):
+    monkeypatch.setenv("TIDE_WORKSPACE_BYTES", str(workspace_for(3, 301, 8)))
+    sh, sw, th, tw, t, targets, ce_weight = make_inputs(10)
+    options = [
+        dict(schedule="linear", axis="training_only", timestep_weight="uniform", temperature=1.5,
+             shared_vocab=257, targets=targets, ce_weight=ce_weight, reduction="sum"),
+        dict(schedule="cosine", axis="timestep_only", timestep_weight="midrange", lambda_init=0.2,
+             lambda_max=0.7, shared_vocab=283),
+    ]
+    for opt in options:
+        got = run(lambda a, b: tide.losses.tidal_loss(a, b, th, tw, t, 0.3, **opt, impl=impl),
+                  (sh, sw), (torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)),
+                  (True, True))
+        want = run(lambda a, b: tide.losses.tidal_loss(a, b, th, tw, t, 0.3, **opt, impl="reference"),
+                   (sh, sw), (torch.tensor(1.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)),
+                   (True, True))
+        for g, r in zip(got[0] + got[1], want[0] + want[1]):
+            assert_close(g, r, 1e-9, f"tidal_loss {opt.keys()}")
+    for reverse in (False, True):
+        got = run(lambda a, b: tide.losses.kl_loss(a, b, th, tw, reverse=reverse, temperature=3.0,
+                                                   shared_vocab=257, targets=targets, impl=impl),
+                  (sh, sw), (torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+                  (True, True))
+        want = run(lambda a, b: tide.losses.kl_loss(a, b, th, tw, reverse=reverse, temperature=3.0,
+                                                    shared_vocab=257, targets=targets, impl="reference"),
+                   (sh, sw), (torch.tensor(1.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+                   (True, True))
+        for g, r in zip(got[0] + got[1], want[0] + want[1]):
+            assert_close(g, r, 1e-9, f"kl_loss reverse={reverse}")
+
+
+# ----------------------------------------------------------------------------- no [N, V] tensor
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest byte size of every tensor an op returns (allocations, views, copies;
+    the interpreter's host copies of kernel arguments show up as uint8 storages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.largest:
+                self.largest, self.op = x.numel() * x.element_size(), str(func)
+        return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_never_allocates_n_by_v(strategy):
+    """Every tensor created in forward and backward stays far below N * V float64 (here N V / 4)."""
+    num_rows, vocab, d = 64, 300, 8                        # weights [V, d] are small next to N V
+    sh, sw, th, tw, t, targets, ce_weight = make_inputs(num_rows, vocab, vocab, d, d)
+    sh.requires_grad_(True)
+    sw.requires_grad_(True)
+    lam, w = schedules.row_lambda(t, 0.5), schedules.timestep_weight(t)
+    with _LargestTensor() as mode:
+        distill, ce = tidal.fused_distill_loss(
+            sh, sw, th, tw, lam, w, targets, ce_weight, temperature=2.0, shared_vocab=vocab, reverse=False,
+            reduction="mean", stream=(strategy == "stream"), workspace_bytes=workspace_for(5, vocab, 8))
+        (2 * distill + ce).backward()
+    assert sh.grad is not None and sw.grad is not None
+    assert mode.largest * 4 <= num_rows * vocab * 8, f"{mode.op} made a tensor of {mode.largest} bytes"
+
+
+def test_workspace_rows_independent_of_n():
+    budget = workspace_for(5, 300, 4)
+    rows = {tidal.workspace_rows(n, 300, 4, torch.device("cpu"), budget) for n in (10, 1000, 10 ** 6)}
+    assert rows == {5}
+
+
+def test_chunked_is_deterministic():
+    first = compare("chunked", num_rows=9)
+    second = compare("chunked", num_rows=9)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
