@@ -149,6 +149,16 @@ def test_template_that_trims_contents_is_located():
     ex = chat_example(messages, student_tokenizer=tok, teacher_tokenizer=toks.with_template(
         toks.unigram(), toks.CHATML_TEMPLATE))
     assert ex.num_chunks > 0
+    # trimming only some messages (assistant ones, left side only), with a content that
+    # also appears as template text ("assistant")
+    mixed = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+             "{% if m['role'] == 'assistant' %}{{ m['content'].lstrip() }}{% else %}{{ m['content'] }}{% endif %}"
+             "<|im_end|>\n{% endfor %}")
+    tok = toks.with_template(toks.byte_bpe(), mixed)
+    messages = [{"role": "user", "content": " assistant\n"}, {"role": "assistant", "content": "\n\n assistant "}]
+    rendered = render_chat(messages, tok)
+    assert [s[2] for s in rendered.content_spans] == [0, 3]
+    assert [rendered.text[s:e] for s, e, _ in rendered.content_spans] == [" assistant\n", "assistant "]
 
 
 def test_truncation_in_chat_drops_cut_chunks(chatml_bpe, system_unigram):

@@ -27,10 +27,10 @@ tokenize=False)`); one without a template uses `PLAIN_CHAT_TEMPLATE`:
 `"{Role}: {content}\\n\\n"` per message, role capitalised. The content of each
 message is located in each rendered string by character offsets, not by
 searching for the text: the template is rendered once more with a unique
-marker in place of each content, the markers' places give the offsets, and
-substituting the contents back must reproduce the real rendering exactly (a
-template that trims contents is accepted: the trimmed content is located; any
-other change to contents is an error). Tokens whose characters lie wholly
+marker in place of each content; the template text between the markers must
+then be found, in order, in the real rendering, with each message's content
+(as is, or with the whitespace at its ends trimmed, as many templates do)
+exactly in between. Any other change to contents is an error. Tokens whose characters lie wholly
 inside an assistant message's content are maskable (response); everything
 else (system and user turns, template text, special tokens, the end-of-turn
 marker) is prompt: never maskable.
@@ -147,10 +147,11 @@ def render_chat(messages, tokenizer, name: str = "tokenizer") -> RenderedChat:
             raise TypeError(f"{name}.apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
         return text
 
+    for k, m in enumerate(messages):
+        if _MARKER.split("{")[0] in m["content"]:
+            raise ValueError(f"messages[{k}]['content'] contains the reserved content marker {_MARKER!r}")
     rendered = apply(messages)
     markers = [_MARKER.format(k) for k in range(len(messages))]
-    if any(_MARKER.format("")[:-1] in m["content"] for m in messages):
-        raise ValueError("messages contain the reserved marker characters U+E000/U+E001 text")
     marked = apply([{**m, "content": marker} for m, marker in zip(messages, markers)])
     places = []  # (position in `marked`, message index)
     for k, marker in enumerate(markers):
@@ -161,22 +162,38 @@ def render_chat(messages, tokenizer, name: str = "tokenizer") -> RenderedChat:
         if count == 1:
             places.append((marked.index(marker), k))
     places.sort()
-    for trim in (False, True):
-        parts, spans, previous = [], [None] * len(messages), 0
-        for position, k in places:
-            parts.append(marked[previous:position])
-            content = messages[k]["content"]
-            kept = content.strip() if trim else content
-            content_start = content.find(kept) if trim and kept else 0  # leading whitespace length
-            start = sum(len(p) for p in parts)
-            spans[k] = (start, start + len(kept), content_start)
-            parts.append(kept)
-            previous = position + len(markers[k])
-        parts.append(marked[previous:])
-        if "".join(parts) == rendered:
-            return RenderedChat(rendered, spans)
-    raise ValueError(f"the chat template of {name} changes message contents (beyond trimming); "
-                     "their character offsets in the rendered text cannot be located")
+    # template text between the contents: pieces[0] + content + pieces[1] + ... + pieces[-1]
+    cuts = [0] + [p for position, k in places for p in (position, position + len(markers[k]))] + [len(marked)]
+    pieces = [marked[cuts[i]:cuts[i + 1]] for i in range(0, len(cuts), 2)]
+    spans: list[tuple[int, int, int] | None] = [None] * len(messages)
+    position = len(pieces[0])
+    located = rendered.startswith(pieces[0])
+    for (_, k), following in zip(places, pieces[1:]):
+        if not located:
+            break
+        located = False
+        for kept, content_start in _content_variants(messages[k]["content"]):
+            end = position + len(kept)
+            if rendered.startswith(kept, position) and rendered.startswith(following, end):
+                spans[k] = (position, end, content_start)
+                position, located = end + len(following), True
+                break
+    if not located or position != len(rendered):
+        raise ValueError(f"the chat template of {name} changes message contents (beyond trimming "
+                         "whitespace at their ends); their character offsets in the rendered text "
+                         "cannot be located")
+    return RenderedChat(rendered, spans)
+
+
+def _content_variants(content: str):
+    """A content as a template may write it: as is, or with the whitespace at its ends
+    trimmed (`| trim`, `.strip()`, `.lstrip()`, `.rstrip()`): `(text, start in content)`."""
+    lead = len(content) - len(content.lstrip())
+    seen = set()
+    for kept, start in ((content, 0), (content.strip(), lead), (content.lstrip(), lead), (content.rstrip(), 0)):
+        if (kept, start) not in seen:
+            seen.add((kept, start))
+            yield kept, start
 
 
 # ------------------------------------------------------------------------------ examples
