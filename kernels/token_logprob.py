@@ -95,7 +95,7 @@ def _dot_precision(dtype):
 # --------------------------------------------------------------------------- forward kernel
 @triton.jit
 def _token_logprob_fwd_kernel(
-    # pointers
+    # pointers (row / column offsets are widened to int64: V * d may exceed 2**31)
     hidden_ptr,        # [N, d] hidden states
     weight_ptr,        # [V, d] LM-head weight
     targets_ptr,       # [N] int64 target ids
@@ -128,9 +128,9 @@ def _token_logprob_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
             dim_ok = dims < D
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dims[None, :] * stride_hd,
+            h = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + dims[None, :] * stride_hd,
                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
-            w = tl.load(weight_ptr + cols[:, None] * stride_wv + dims[None, :] * stride_wd,
+            w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)           # [BLOCK_V, BLOCK_D]
             x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         x = tl.where(col_ok[None, :], x, float("-inf"))
@@ -195,9 +195,9 @@ def _token_logprob_bwd_kernel(
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_ok = dims < D
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dims[None, :] * stride_hd,
+        h = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + dims[None, :] * stride_hd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * stride_wv + dims[None, :] * stride_wd,
+        w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
         x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     p = tl.exp(x - lse[:, None])
@@ -210,15 +210,15 @@ def _token_logprob_bwd_kernel(
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_ok = dims < D
         if HAS_GRAD_HIDDEN:
-            w = tl.load(weight_ptr + cols[:, None] * stride_wv + dims[None, :] * stride_wd,
+            w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            tl.atomic_add(grad_hidden_ptr + rows[:, None] * D + dims[None, :],
+            tl.atomic_add(grad_hidden_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
                           tl.dot(dx, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
                           mask=row_ok[:, None] & dim_ok[None, :])
         if HAS_GRAD_WEIGHT:
-            h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dims[None, :] * stride_hd,
+            h = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + dims[None, :] * stride_hd,
                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            tl.atomic_add(grad_weight_ptr + cols[:, None] * D + dims[None, :],
+            tl.atomic_add(grad_weight_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
                           tl.dot(tl.trans(dx), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
                           mask=col_ok[:, None] & dim_ok[None, :])
 
