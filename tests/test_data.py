@@ -274,3 +274,52 @@ def test_bad_input_gets_clear_errors(chatml_bpe):
         DistillationCollator(0, 0)([])
     with pytest.raises(ValueError, match="student_max_length"):
         text_example("abc", student_tokenizer=chatml_bpe, student_max_length=0)
+
+
+@pytest.mark.parametrize("student_name,teacher_name", [("byte_bpe", "wordpiece"), ("unigram", "byte_bpe"),
+                                                       ("wordpiece", "unigram"), ("byte_bpe_trimmed", "unigram")])
+def test_random_conversations_chunks_cover_the_same_content(student_name, teacher_name):
+    import random
+
+    from test_align import random_text
+
+    rng = random.Random(len(student_name) * 31 + len(teacher_name))
+    student = toks.with_template(toks.ALL[student_name](), toks.CHATML_TEMPLATE)
+    teacher = toks.with_template(toks.ALL[teacher_name](), toks.DEFAULT_SYSTEM_TEMPLATE)
+    for _ in range(8):
+        roles = (["system"] if rng.random() < 0.5 else []) + ["user", "assistant"] * rng.randint(1, 2)
+        messages = [{"role": r, "content": random_text(rng, 12)} for r in roles]
+        ex = chat_example(messages, student_tokenizer=student, teacher_tokenizer=teacher)
+        sides = {}
+        for side, tok, ids, maskable, chunk_ids in (
+                ("student", student, ex.student_input_ids, ex.student_maskable, ex.student_chunk_ids),
+                ("teacher", teacher, ex.teacher_input_ids, ex.teacher_maskable, ex.teacher_chunk_ids)):
+            rendered, offsets = check_maskable(ids, maskable, messages, tok)
+            # each token's place in message-content coordinates: (message, start, end)
+            place = []
+            for s, e in offsets:
+                where = None
+                for k, span in enumerate(rendered.content_spans):
+                    if span and span[0] <= s and e <= span[1]:
+                        where = (k, s - span[0] + span[2], e - span[0] + span[2])
+                place.append(where)
+            covered_by_message = {}
+            for where in place:
+                if where:
+                    covered_by_message.setdefault(where[0], set()).update(range(where[1], where[2]))
+            sides[side] = (place, chunk_ids, covered_by_message)
+        for c in range(ex.num_chunks):
+            chars, message = {}, set()
+            for side, (place, chunk_ids, _) in sides.items():
+                members = [place[k] for k, x in enumerate(chunk_ids) if x == c]
+                assert members and all(members), "chunk tokens lie inside one content"
+                message |= {m[0] for m in members}
+                chars[side] = {p for _, s, e in members for p in range(s, e)}
+            assert len(message) == 1 and messages[message.pop()]["role"] == "assistant"
+            k = next(sides["student"][0][i][0] for i, x in enumerate(sides["student"][1]) if x == c)
+            content = messages[k]["content"]
+            everything = set(range(len(content)))
+            dropped = {side: everything - sides[side][2].get(k, set()) for side in sides}
+            t_text = "".join(content[p] for p in sorted(chars["teacher"] - dropped["student"]))
+            s_text = "".join(content[p] for p in sorted(chars["student"] - dropped["teacher"]))
+            assert t_text == s_text, (t_text, s_text)
