@@ -68,7 +68,7 @@ class Config:
     teacher_tokenizer: str = ""           # default: the teacher directory
 
     # --- data
-    data: str = ""                        # text files: a file, a directory or a glob; .jsonl = chat
+    data: str = ""                        # a text file, a folder of .txt/.md/.py files, or a .jsonl chat file
     seq_len: int = 128                    # student length L
     teacher_seq_len: int = 0              # teacher length (0 = same as seq_len)
     batch_size: int = 8                   # micro-batch per process
@@ -207,4 +207,6 @@ def check(cfg: Config) -> None:
     if not cfg.student and not cfg.student_tokenizer and not cfg.teacher:
         fail("no tokenizer for the student: pass --student DIR, --student-tokenizer DIR or --teacher DIR")
     if not cfg.data:
-        fail("--data is empty: pass a text file, a directory of text files, a glob, or a .jsonl chat file")
+        fail("--data is empty: pass a text file, a folder of text files, or a .jsonl chat file")
+    if not os.path.exists(cfg.data):
+        fail(f"--data {cfg.data!r} not found: pass a text file, a folder of text files, or a .jsonl chat file")

@@ -45,13 +45,6 @@ def seeded_generator(seed: int, micro_index: int, device) -> torch.Generator:
     return gen
 
 
-def chunk_table(chunk_ids: torch.Tensor, num_chunks: int, values: torch.Tensor) -> torch.Tensor:
-    """Per-chunk OR of a bool `[b, l]` tensor over the tokens of each chunk -> `[num_chunks]`."""
-    inside = chunk_ids >= 0
-    table = torch.zeros(num_chunks + 1, dtype=torch.bool, device=chunk_ids.device)
-    return table.index_put_((chunk_ids[inside],), values[inside], accumulate=True)[:num_chunks]
-
-
 def noise_batch(batch: dict, cfg: Config, gen: torch.Generator) -> dict:
     """t per sequence, masked positions, and (cross pipeline) chunk-consistent masks."""
     ids, maskable = batch["student_input_ids"], batch["student_maskable"]
@@ -59,28 +52,21 @@ def noise_batch(batch: dict, cfg: Config, gen: torch.Generator) -> dict:
     masked = maskable & (torch.rand(ids.shape, device=ids.device, generator=gen) < t[:, None])
     out = {"t": t, "masked": masked}
     if cfg.pipeline == "cross":
+        # chunk-consistent masking: one masked student token masks its whole chunk, on both sides
+        # (tide.data gives every chunk a batch-unique id and only maskable tokens)
         s_chunk, t_chunk = batch["student_chunk_ids"], batch["teacher_chunk_ids"]
-        num_chunks = int(max(s_chunk.max(), t_chunk.max())) + 1  # ids are unique over the batch
-        # a chunk is usable only when every student token of it is maskable (no prompt tokens)
-        usable = ~chunk_table(s_chunk, num_chunks, ~maskable)
-        s_chunk = torch.where((s_chunk >= 0) & usable[s_chunk.clamp(min=0)], s_chunk, -1)
-        t_chunk = torch.where((t_chunk >= 0) & usable[t_chunk.clamp(min=0)], t_chunk, -1)
-        # chunk-consistent masking: one masked student token masks its whole chunk, both sides
-        hit = chunk_table(s_chunk, num_chunks, masked)
-        masked = masked | ((s_chunk >= 0) & hit[s_chunk.clamp(min=0)])
-        out.update(masked=masked, teacher_masked=(t_chunk >= 0) & hit[t_chunk.clamp(min=0)],
-                   student_chunk=s_chunk, teacher_chunk=t_chunk, num_chunks=num_chunks)
+        hit = torch.zeros(batch["num_chunks"] + 1, dtype=torch.bool, device=ids.device)
+        hit[s_chunk[masked & (s_chunk >= 0)]] = True           # slot num_chunks absorbs the -1s
+        masked = masked | hit[torch.where(s_chunk >= 0, s_chunk, batch["num_chunks"])]
+        out.update(masked=masked, teacher_masked=hit[torch.where(t_chunk >= 0, t_chunk, batch["num_chunks"])])
     elif cfg.pipeline == "aligned":
         # carry the student's masks to the teacher at aligned (text-matched) positions
-        s_pos, t_pos = batch["aligned_student_pos"], batch["aligned_teacher_pos"]  # [b, P], -1 = pad
-        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(s_pos)
-        valid = s_pos >= 0
-        pair_masked = torch.zeros_like(valid)
-        pair_masked[valid] = masked[rows[valid], s_pos[valid]]
+        rows, s_pos, t_pos = batch["aligned_pairs"].unbind(1)  # [P] each
+        keep = masked[rows, s_pos]
         teacher_masked = torch.zeros_like(batch["teacher_input_ids"], dtype=torch.bool)
-        teacher_masked[rows[valid], t_pos[valid]] = pair_masked[valid]
-        out.update(teacher_masked=teacher_masked, pair_rows=rows[pair_masked],
-                   pair_student=s_pos[pair_masked], pair_teacher=t_pos[pair_masked])
+        teacher_masked[rows[keep], t_pos[keep]] = True
+        out.update(teacher_masked=teacher_masked, pair_rows=rows[keep], pair_student=s_pos[keep],
+                   pair_teacher=t_pos[keep])
     else:
         out["teacher_masked"] = masked
     return out
@@ -93,7 +79,7 @@ def teacher_hidden(teacher, ids, masked, noise, batch, cfg: Config, gen) -> torc
     if not cfg.compdemo:
         x_t = torch.where(masked, teacher.mask_token_id, ids)
         return teacher(x_t, ids, attention)
-    chunks = noise.get("teacher_chunk")  # chunk-level split in the cross pipeline
+    chunks = batch.get("teacher_chunk_ids") if cfg.pipeline == "cross" else None  # chunk-level split
     demo = teacher_inputs(ids, masked, teacher.mask_token_id, cfg.demo_ratio, chunk_ids=chunks, generator=gen)
     hidden_1 = teacher(demo.pass1_ids, ids, attention)
     hidden_2 = teacher(demo.pass2_ids, ids, attention)
@@ -166,15 +152,12 @@ class StudentLoss(nn.Module):
     def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress, common):
         """Cross-tokenizer pipeline: (Reverse) CALM / CALM+TIDAL on chunk log-likelihoods."""
         cfg = self.cfg
-        s_chunk, t_chunk, num_chunks = noise["student_chunk"], noise["teacher_chunk"], noise["num_chunks"]
+        s_chunk, t_chunk, num_chunks = batch["student_chunk_ids"], batch["teacher_chunk_ids"], batch["num_chunks"]
         s_rows = noise["masked"] & (s_chunk >= 0)
         t_rows = noise["teacher_masked"]
         lam = weight_c = None
-        if cfg.method == "calm_tidal":  # per-chunk lambda_b and w_b from the chunk's sequence t_b
-            inside = s_chunk >= 0
-            seq = torch.zeros(num_chunks, dtype=torch.long, device=s_chunk.device)
-            seq[s_chunk[inside]] = inside.nonzero(as_tuple=True)[0]  # the batch row of each chunk
-            t_c = noise["t"][seq]
+        if cfg.method == "calm_tidal":  # per-chunk lambda_b and w_b from the t_b of the chunk's sequence
+            t_c = noise["t"][batch["chunk_batch_index"]]
             lam = schedules.row_lambda(t_c, progress, cfg.lambda_init, cfg.lambda_max, cfg.lambda_schedule,
                                        cfg.lambda_axis)
             weight_c = schedules.timestep_weight(t_c, cfg.timestep_weight)
@@ -279,7 +262,6 @@ def main(argv: list[str] | None = None) -> dict:
         resume_from = found[-1]
 
     # ---- tokenizers and models
-    from tide.data import build_dataset  # data knows tokenizers, not models
     tokenizers = load_tokenizers(cfg)
     teacher = None
     if cfg.needs_teacher:
@@ -289,10 +271,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_pair(cfg, student, teacher, tokenizers)
 
     # ---- data: the dataset in a fixed order per epoch; position = micro-batches consumed
-    dataset, collate = build_dataset(cfg, tokenizers["student"], tokenizers.get("teacher"))
+    dataset, collate = build_data(cfg, tokenizers)
     if len(dataset) < cfg.batch_size * world:
         raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
                          f"({cfg.batch_size} x {world}): add data or lower --batch-size")
+    lengths = {"student": cfg.seq_len, "teacher": teacher_length(cfg)}
 
     def micro_batch(index: int) -> dict:
         """Global micro-batch `index`; this rank takes its slice of it."""
@@ -301,6 +284,14 @@ def main(argv: list[str] | None = None) -> dict:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         start = (position * world + rank) * cfg.batch_size
         batch = collate([dataset[int(i)] for i in order[start:start + cfg.batch_size]])
+        for side, pad_id in (("student", collate.student_pad_id), ("teacher", collate.teacher_pad_id)):
+            pad = lengths[side] - batch[f"{side}_input_ids"].shape[1]  # fixed shapes: masks stay cached
+            for key, value in ((f"{side}_input_ids", pad_id), (f"{side}_attention_mask", 0),
+                               (f"{side}_maskable", False), (f"{side}_chunk_ids", -1)):
+                batch[key] = nn.functional.pad(batch[key], (0, pad), value=value)
+            if batch[f"{side}_attention_mask"].all():  # checked on the CPU: no padding, no padding mask
+                del batch[f"{side}_attention_mask"]
+        batch["num_chunks"] = int(batch["num_chunks"])
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ---- wrap for DDP / FSDP2; the optimizer
@@ -421,6 +412,28 @@ def with_mask_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or MASK_TOKEN
     return tokenizer
+
+
+def teacher_length(cfg: Config) -> int:
+    return cfg.teacher_seq_len if cfg.teacher_seq_len and cfg.pipeline != "shared" else cfg.seq_len
+
+
+def build_data(cfg: Config, tokenizers: dict):
+    """`tide.data` examples for both tokenizers, and its collator.
+
+    `--data`: a .jsonl/.json chat file (a "messages" column), or a text file / folder of
+    .txt/.md/.py files cut at line ends into pieces of about 4 characters per student token.
+    """
+    from tide.data import DistillationCollator, DistillationDataset, load_chat_dataset, load_texts
+    if cfg.data.endswith((".jsonl", ".json")):
+        records = load_chat_dataset(cfg.data)
+    else:
+        records = load_texts(cfg.data, suffixes=(".txt", ".md", ".py"), max_chars=4 * cfg.seq_len)
+    mode = cfg.pipeline if cfg.needs_teacher else "shared"
+    teacher_tok = tokenizers["teacher"] if mode != "shared" else None
+    dataset = DistillationDataset(records, student_tokenizer=tokenizers["student"], teacher_tokenizer=teacher_tok,
+                                  mode=mode, student_max_length=cfg.seq_len, teacher_max_length=teacher_length(cfg))
+    return dataset, DistillationCollator.for_tokenizers(tokenizers["student"], teacher_tok)
 
 
 def load_tokenizers(cfg: Config) -> dict:
