@@ -98,8 +98,13 @@ def test_cross_chat_marks_prompt_and_response_and_chunks_inside_response(message
 def test_aligned_mode_pairs_point_at_equal_ids(chatml_bpe, system_bpe):
     assert resolve_mode(chatml_bpe, system_bpe, None) == "aligned"
     ex = chat_example(MULTI_TURN, student_tokenizer=chatml_bpe, teacher_tokenizer=system_bpe)
-    assert ex.num_chunks == 0 and all(x == -1 for x in ex.student_chunk_ids + ex.teacher_chunk_ids)
     assert ex.aligned_pairs
+    # response chunks come too: a paired response token lies in the same chunk on both sides
+    assert ex.num_chunks > 0
+    for s, t in ex.aligned_pairs:
+        if ex.student_maskable[s]:
+            c = ex.student_chunk_ids[s]
+            assert c >= 0 and ex.teacher_chunk_ids[t] == c
     assert len(ex.student_input_ids) != len(ex.teacher_input_ids)  # different templates
     s_render, t_render = render_chat(MULTI_TURN, chatml_bpe), render_chat(MULTI_TURN, system_bpe)
     _, s_off = encode(s_render.text, chatml_bpe)

@@ -11,8 +11,13 @@ correspond. Three modes (`mode=`; inferred when None):
 - "aligned" (SPEC.md, "Shared tokenizer, different chat templates"): one
   vocabulary, two renderings. `aligned_pairs` lists `(student position, teacher
   position)` of content tokens (of every message) that cover the same content
-  characters with the same token id: the one-token-each chunks of `tide.align`
-  with equal ids. Inferred when the two vocabularies are equal.
+  characters with the same token id: the tokens of each `tide.align` chunk whose
+  id sequences are equal on both sides (usually one token each; the byte pieces
+  of one character pair up in order). Content tokens the two renderings split
+  differently (typically a first token merged with template text) stay
+  unpaired. The response chunks are filled in as in "cross" too, so a trainer
+  can carry masks to teacher tokens that have no pair. Inferred when the two
+  vocabularies are equal.
 - "cross" (SPEC.md, "Cross-tokenizer chunks"): chunks from `tide.align`, found
   inside the response (assistant) content only; a chunk holding any prompt,
   template or special token is dropped (chunk id -1), so every chunk with an id
@@ -287,10 +292,9 @@ def _build(student: _Side, teacher: _Side | None, response: list[bool], mode: st
         return Example(ids, list(ids), maskable, list(maskable), [-1] * s_len, [-1] * s_len)
     t_len = _cut_length("teacher_max_length", teacher_max_length, len(teacher.ids))
     t_maskable = _maskable(teacher, response)
-    chunks, pairs = [], []
-    if mode == "cross":
-        chunks = [c for c in _content_chunks(student, teacher, response) if c[1] <= t_len and c[3] <= s_len]
-    else:  # aligned: chunks with the same ids on both sides, over every message's content
+    chunks = [c for c in _content_chunks(student, teacher, response) if c[1] <= t_len and c[3] <= s_len]
+    pairs = []
+    if mode == "aligned":  # chunks with the same ids on both sides, over every message's content
         for t0, t1, s0, s1 in _content_chunks(student, teacher, [True] * len(response)):
             if t1 - t0 == s1 - s0 and teacher.ids[t0:t1] == student.ids[s0:s1]:
                 pairs.extend((s, t) for s, t in zip(range(s0, s1), range(t0, t1)) if s < s_len and t < t_len)
