@@ -3,7 +3,8 @@
 Same functions, arguments and gradients as tide.reference, computed by walking
 the rows in blocks so that no tensor larger than `[block_rows, V]` ever exists,
 however large N is. `block_rows` comes from a byte budget per `[block_rows, V]`
-tensor (`TIDE_CHUNK_BYTES`, default 32 MiB), so memory is independent of N.
+tensor (`TIDE_CHUNK_BYTES`; default 4 MiB on CPU, 256 MiB on CUDA, at least 32
+rows), so memory is independent of N.
 
 Distillation (TIDAL / forward KL / reverse KL, + CE), per block of rows:
 
@@ -31,20 +32,25 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 32 * 2 ** 20
-
-_INTEGER_DTYPES = (torch.int64, torch.int32)
+# Byte budget of one [block_rows, V] tensor: small on CPU (cache-sized blocks, a small
+# peak), large on GPUs (big GEMMs). At least MIN_BLOCK_ROWS rows, so that each read of
+# the LM-head weight is shared by enough rows.
+DEFAULT_CHUNK_BYTES = {"cpu": 4 * 2 ** 20, "cuda": 256 * 2 ** 20}
+MIN_BLOCK_ROWS = 32
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def block_rows_for(vocab: int, dtype: torch.dtype, num_rows: int) -> int:
-    """Rows per block so that one `[rows, vocab]` tensor stays within the byte budget."""
-    budget = int(os.environ.get("TIDE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+def block_rows_for(vocab: int, dtype: torch.dtype, num_rows: int, device_type: str = "cpu") -> int:
+    """Rows per block: one `[rows, vocab]` tensor within the budget (`TIDE_CHUNK_BYTES` overrides)."""
+    budget = int(os.environ.get("TIDE_CHUNK_BYTES", 0)) or DEFAULT_CHUNK_BYTES.get(device_type, 2 ** 28)
     element = torch.finfo(dtype).bits // 8
-    return max(1, min(max(num_rows, 1), budget // (element * max(vocab, 1))))
+    rows = budget // (element * max(vocab, 1))
+    if "TIDE_CHUNK_BYTES" not in os.environ:
+        rows = max(rows, MIN_BLOCK_ROWS)
+    return max(1, min(max(num_rows, 1), rows))
 
 
 @dataclass(frozen=True)
@@ -74,11 +80,15 @@ def _distill_block(s, u, row_lambda, row_weight, targets, ce_weight, params, sca
         kl = (p * diff).sum(-1)                                       # KL(p || q) [R]
         grad = diff.sub_(kl[:, None]).mul_(p)                        # p (log p - log q - KL)
     else:
-        lam = row_lambda.to(s.dtype)[:, None]
-        log_r = torch.log_softmax(((1 - lam) * s[:, :V] + lam * u[:, :V]) / T, dim=-1)
+        # mixture ((1 - lam) s + lam u) / T = (s + lam (u - s)) / T, built in one buffer
+        mixture = (u[:, :V] - s[:, :V]).mul_(row_lambda.to(s.dtype)[:, None]).add_(s[:, :V]).div_(T)
+        log_r = torch.log_softmax(mixture, dim=-1)
+        del mixture
         r = torch.exp(log_r)
         kl = (r * log_r.sub_(log_p)).sum(-1)                         # KL(r || p) [R]
+        del log_r
         grad = p.sub_(r)                                             # p - r, in place
+    del log_p
     distill_sum = T * T * (row_weight * kl).sum()
     grad.mul_((T * scale) * row_weight[:, None])
     if s.shape[1] > V:                                               # logits outside the shared prefix
@@ -110,7 +120,8 @@ class _DistillFunction(torch.autograd.Function):
         grad_weight = [torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device)
                        for _ in range(terms)] if want_weight else None
         sums = [student_hidden.new_zeros((), dtype=dtype) for _ in range(terms)]
-        block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows)
+        block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows,
+                               student_hidden.device.type)
         with torch.no_grad():
             for start in range(0, num_rows, block):
                 rows = slice(start, min(start + block, num_rows))
@@ -141,11 +152,12 @@ class _DistillFunction(torch.autograd.Function):
         hidden_dtype, weight_dtype = ctx.input_dtypes
 
         def combine(grads, out_dtype):
+            """sum_k grad_output_k * grads_k (out of place: backward may run again with retain_graph)."""
             if grads is None:
                 return None
             total = grads[0] * grad_outputs[0]
             for grad, grad_output in zip(grads[1:], grad_outputs[1:]):
-                total = total + grad * grad_output
+                total.addcmul_(grad, grad_output)
             return total.to(out_dtype)
 
         return (combine(grad_hidden, hidden_dtype), combine(grad_weight, weight_dtype),
@@ -176,7 +188,7 @@ class _TokenLogprobFunction(torch.autograd.Function):
         weight_c = weight.to(dtype)
         logprobs = torch.empty(num_rows, dtype=dtype, device=hidden.device)
         lse = torch.empty(num_rows, dtype=dtype, device=hidden.device)
-        block = block_rows_for(weight.shape[0], dtype, num_rows)
+        block = block_rows_for(weight.shape[0], dtype, num_rows, hidden.device.type)
         with torch.no_grad():
             for start in range(0, num_rows, block):
                 rows = slice(start, min(start + block, num_rows))
@@ -196,7 +208,7 @@ class _TokenLogprobFunction(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_weight else None
         num_rows = hidden.shape[0]
-        block = block_rows_for(weight.shape[0], dtype, num_rows)
+        block = block_rows_for(weight.shape[0], dtype, num_rows, hidden.device.type)
         for start in range(0, num_rows, block):
             rows = slice(start, min(start + block, num_rows))
             block_hidden = hidden[rows].to(dtype)
