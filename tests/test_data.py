@@ -328,3 +328,21 @@ def test_random_conversations_chunks_cover_the_same_content(student_name, teache
             t_text = "".join(content[p] for p in sorted(chars["teacher"] - dropped["student"]))
             s_text = "".join(content[p] for p in sorted(chars["student"] - dropped["teacher"]))
             assert t_text == s_text, (t_text, s_text)
+
+
+def test_load_chat_dataset_from_datasets_objects():
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"messages": WITHOUT_SYSTEM}, {"messages": MULTI_TURN}])
+    assert load_chat_dataset(rows) is rows
+    assert len(load_chat_dataset(datasets.DatasetDict({"train": rows}), split="train")) == 2
+    with pytest.raises(ValueError, match="split"):
+        load_chat_dataset(datasets.DatasetDict({"train": rows}), split="test")
+    with pytest.raises(ValueError, match="'conversation' column"):
+        load_chat_dataset(rows, messages_key="conversation")
+    with pytest.raises(TypeError, match="source"):
+        load_chat_dataset(42)
+    with pytest.raises(ValueError, match="not a file"):
+        load_chat_dataset("/nonexistent/chat.jsonl")
+    with pytest.raises(ValueError, match="neither a file nor a folder"):
+        load_texts("/nonexistent/folder")
