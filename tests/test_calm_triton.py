@@ -7,11 +7,26 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU the kernels must be interpreted: triton decides that when a kernel is defined
+# (the imports below) and reads the variable again while it runs (the fixture below). It is
+# put back as found in between, because other test modules check that impl="triton" on CPU
+# is an error without it.
+_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if _INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from tide import reference  # noqa: E402
 from tide.kernels.calm import CHUNK_PROB_EPS, fused_calm_from_token_logprobs  # noqa: E402
+
+if _INTERPRET:
+    del os.environ["TRITON_INTERPRET"]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while kernels run: set it for each test here."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ["reverse", "forward", "tidal"]
