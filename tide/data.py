@@ -46,7 +46,6 @@ pairs with a cut position are dropped.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
