@@ -283,10 +283,12 @@ def _timing(device, quick):
 
     # student: forward + backward into hidden and weight
     case = f"token_logprobs fwd+bwd N={n} V={v_s} d={d_s} {str(dtype)[6:]}"
+    def student(fn):
+        out = fn(s_hidden, s_weight, s_targets)
+        return torch.autograd.grad(out, [s_hidden, s_weight], grad.to(out.dtype))
+
     for impl, fn in impls.items():
-        record(case, impl, lambda fn=fn: torch.autograd.grad(fn(s_hidden, s_weight, s_targets),
-                                                             [s_hidden, s_weight], grad),
-               flops=6 * n * v_s * d_s)
+        record(case, impl, lambda fn=fn: student(fn), flops=6 * n * v_s * d_s)
     # teacher: forward only, no grad
     case = f"token_logprobs fwd no-grad N={n} V={v_t} d={d_t} {str(dtype)[6:]}"
     for impl, fn in impls.items():
