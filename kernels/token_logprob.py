@@ -43,6 +43,11 @@ HBM traffic vs eager (bf16 inputs, N rows, V vocab, width d):
 - fused: reads hidden and weight once per tile row/column (L2 absorbs most of
   it), writes `[num_splits, N]` floats forward and the `[N, d]` + `[V, d]`
   float32 gradient buffers backward: O(N d + V d) memory, no `[N, V]` at all.
+  The price is the atomics: every element of d hidden receives V / BLOCK_V adds and
+  every element of d weight N / BLOCK_N, i.e. 4 * N * V * d * (1/BLOCK_N + 1/BLOCK_V)
+  bytes of L2 atomic traffic (~100 GB at N = 10k, V = 152k, d = 1024, 128 x 128
+  tiles). They land in L2, not HBM, but they bound the backward: expect it, not the
+  GEMM FLOPs, to set the speed, and tune BLOCK_N / BLOCK_V first.
 FLOPs: fused 2NVd forward + 6NVd backward (one recompute), eager 2NVd + 4NVd.
 """
 from __future__ import annotations
