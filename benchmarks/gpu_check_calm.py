@@ -13,7 +13,8 @@ failed check (each check records ok / detail), so one failure does not hide the 
 2. Timing at the issue's shape (cuda): N_s = N_t = 10,000 rows, student V = 151,936, d = 1,024,
    teacher V = 157,184, d = 2,048, bf16, weights scaled by 2 / sqrt(d) (logit std ~2):
    - token_logprobs forward + backward (student): triton vs eager vs chunked, plus Cut-Cross-
-     Entropy's `linear_cross_entropy(reduction="none")` as a peer when it imports;
+     Entropy's `linear_cross_entropy(reduction="none")` as a peer when it imports (and, unless
+     quick, two other tilings of the triton kernels, for tuning);
    - token_logprobs forward only (teacher, no grad);
    - Reverse CALM end to end (`calm_loss`, student backward): triton vs eager (reference) vs chunked.
    "eager" for token log-probs is the CCE paper's baseline `log_softmax((h @ w.T).float())[t]`.
@@ -289,6 +290,13 @@ def _timing(device, quick):
 
     for impl, fn in impls.items():
         record(case, impl, lambda fn=fn: student(fn), flops=6 * n * v_s * d_s)
+    if cuda and not quick:                  # tiling alternatives, for tuning the default
+        from tide.kernels.token_logprob import TokenLogprobConfig
+        for tiles, config in (("64x128x64 w4", TokenLogprobConfig(block_n=64, block_v=128, block_d=64, num_warps=4)),
+                              ("128x256x64 w8", TokenLogprobConfig(block_n=128, block_v=256, block_d=64,
+                                                                   num_warps=8, num_stages=2))):
+            fn = lambda h, w, t, config=config: fused_token_logprobs(h, w, t, config=config)   # noqa: E731
+            record(case, f"triton {tiles}", lambda fn=fn: student(fn), flops=6 * n * v_s * d_s)
     # teacher: forward only, no grad
     case = f"token_logprobs fwd no-grad N={n} V={v_t} d={d_t} {str(dtype)[6:]}"
     for impl, fn in impls.items():
