@@ -8,7 +8,7 @@ Eager equivalent (tide.compdemo on CPU, with torch's generator instead of Philox
     pass1_ids = where(mask_b, mask_token_id, input_ids)
     pass2_ids = where(mask_a, mask_token_id, input_ids)
 
-Random numbers: counter-based Philox 4x32 (tl.philox) keyed by a 63-bit seed read
+Random numbers: counter-based Philox 4x32 (tl.philox) keyed by a 64-bit seed read
 from device memory (so drawing it from a torch.Generator needs no host sync). Each
 element's counter is (c0, c1, c2, c3) = (index lo, index hi, row, stream) where
 

@@ -12,7 +12,7 @@ Random numbers, and what "reproducible" means here:
 - CPU tensors: `v` comes from `torch.rand` with the given `torch.Generator`
   (the default one when None). A seeded generator gives the same split.
 - CUDA tensors: one Triton kernel (`tide.kernels.complementary_split`) draws `v`
-  with Philox from a 63-bit seed that is itself drawn from the generator (one
+  with Philox from a seed in [0, 2**62) that is itself drawn from the generator (one
   `torch.randint`, no host sync), and writes mask_a, mask_b and both teacher
   input id tensors in one pass. A seeded generator gives the same split.
 The two paths have the same distribution and semantics but are NOT
