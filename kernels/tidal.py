@@ -186,15 +186,20 @@ def _target_logits(s, u, lam, inv_T, REVERSE: tl.constexpr):
 # Strategy 1, part a: a plain tiled GEMM with fp32 (or fp64) output, tutorial 03 style.
 # C[M, N] (+)= A[M, K] @ B[K, N]; any strides (transposes are views); tiles cast to B's dtype
 # before tl.dot (bf16 tensor cores for bf16 weights), fp32 accumulation.
+# Split-K for the one short-and-wide GEMM (d student_hidden = G[c, V] @ W[V, d]: few output
+# tiles, a reduction over the whole vocabulary): program (tile, k) reduces K range k into its
+# own slice of an fp32 partials buffer [SPLIT, M, N], summed afterwards: deterministic.
 # =============================================================================================
 @triton.jit
 def _matmul_kernel(
-        A, B, C,                                  # pointers: [M, K], [K, N], [M, N] (fp32 / fp64)
-        M, N, K: tl.constexpr,                    # sizes (loop bound K constexpr: the interpreter needs it)
-        stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,   # strides
-        ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,                       # meta-parameters
+        A, B, C,                                  # pointers: [M, K], [K, N], [SPLIT, M, N] (fp32 / fp64)
+        M, N, K: tl.constexpr,                    # sizes (loop bounds constexpr: the interpreter needs it)
+        stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,   # strides
+        K_SPLIT: tl.constexpr,                    # length of the K range of one program (multiple of BLOCK_K)
+        ACCUMULATE: tl.constexpr, IEEE: tl.constexpr,                                  # meta-parameters
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n                 # grouped ordering for L2 reuse
@@ -206,16 +211,16 @@ def _matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=C.dtype.element_ty)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K_SPLIT, BLOCK_K):
         ks = k0 + offs_k
         a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=(offs_m[:, None] < M) & (ks[None, :] < K), other=0.0)
         b = tl.load(B + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(ks[:, None] < K) & (offs_n[None, :] < N), other=0.0)
         acc = _dot(a.to(B.dtype.element_ty), b, acc, IEEE)
-    c_ptrs = C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = C + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
@@ -229,6 +234,15 @@ def _matmul_configs():
 
 
 _matmul_autotuned = None
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if _interpreting() or device.type != "cuda":
+        return 2                                   # small: the interpreter tests exercise split-K
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
@@ -243,13 +257,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             out.zero_()
         return out
     ieee = b.dtype in (torch.float32, torch.float64)
-    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            out.stride(0), out.stride(1))
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     if os.environ.get("TIDE_AUTOTUNE") == "1" and not _interpreting():
         if _matmul_autotuned is None:
             _matmul_autotuned = triton.autotune(_matmul_configs(), key=["M", "N", "K"])(_matmul_kernel)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _matmul_autotuned[grid](*args, ACCUMULATE=accumulate, IEEE=ieee)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        _matmul_autotuned[grid](a, b, out, M, N, K, *strides, 0, out.stride(0), out.stride(1),
+                                K_SPLIT=triton.cdiv(K, 64) * 64, ACCUMULATE=accumulate, IEEE=ieee)
         return out
     if _interpreting():
         bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
@@ -257,9 +271,23 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         bm, bn, bk, warps, stages = 128, 128, 32, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _matmul_kernel[grid](*args, ACCUMULATE=accumulate, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                         GROUP_M=8, num_warps=warps, num_stages=stages)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    split = 1
+    if tiles < 2 * _sm_count(out.device) and K >= 8 * bk:
+        split = min(triton.cdiv(2 * _sm_count(out.device), tiles), K // (4 * bk))
+    k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    split = triton.cdiv(K, k_split)
+    target = out if split == 1 else torch.empty(split, M, N, dtype=out.dtype, device=out.device)
+    stride_c = (0, out.stride(0), out.stride(1)) if split == 1 else target.stride()
+    _matmul_kernel[(tiles, split)](a, b, target, M, N, K, *strides, *stride_c, K_SPLIT=k_split,
+                                   ACCUMULATE=accumulate and split == 1, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn,
+                                   BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    if split > 1:
+        partial = target.sum(0)
+        if accumulate:
+            out.add_(partial)
+        else:
+            out.copy_(partial)
     return out
 
 

@@ -1,0 +1,407 @@
+"""GPU check of the Triton kernels: correctness at realistic shapes, then speed and memory.
+
+    python -m benchmarks.gpu_check --only tidal [--json FILE]   # one H200: under 8 minutes
+    python -m benchmarks.gpu_check --dry-run                    # CPU, TRITON_INTERPRET=1, tiny shapes
+
+Never a test dependency. `--dry-run` runs every code path of this script (argument
+parsing, checks, timing, tables, goals, JSON) on tiny shapes on CPU under the
+Triton interpreter, so the script is known not to crash on trivial errors before a
+GPU is lent.
+
+Checks are pluggable: this file registers "tidal" (tide.kernels.tidal, both
+strategies); any module named in PLUGINS that imports cleanly contributes its own
+`CHECKS = {"name": fn}` (e.g. benchmarks/gpu_check_calm.py for token_logprob / calm),
+each `fn(ctx: Context)` using ctx.timed / ctx.check / ctx.table below. `--only all`
+runs every registered check.
+
+"tidal" does:
+1. correctness of impl="triton" and impl="triton_stream" against the chunked PyTorch
+   path in float32 on the same (bf16-exact) values: TIDAL + weighted CE, reverse KL + CE
+   ("sum"), forward KL alone; bf16 and fp32 inputs; V_s != V_t; N not a multiple of any
+   block, and one run with a small workspace so that chunks are ragged.
+2. the benchmark of the issue: N=8192, V=151,936, d_s=1024, d_t=4096, bf16, TIDAL + CE,
+   forward + backward: median ms (20/80 quantiles) and peak extra memory of reference,
+   chunked, triton, triton_stream and Liger-Kernel's LigerFusedLinearJSDLoss (beta=0:
+   forward KL, plus its hard-label CE) when it is installed; the floor F / (bf16 cuBLAS
+   rate), F = 2 N V (3 d_s + d_t), measured as the time of those four GEMMs in cuBLAS.
+3. the goals of the issue, each PASS / MISS.
+Inputs have a realistic logit scale: weights scaled by 2 / sqrt(d), logits std ~2.
+"""
+from __future__ import annotations
+
+import sys
+import os
+
+if "--dry-run" in sys.argv:                          # before triton is imported anywhere
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+PLUGINS = ("benchmarks.gpu_check_calm",)             # optional modules exposing CHECKS = {name: fn(ctx)}
+
+
+# --------------------------------------------------------------------------- harness
+class Context:
+    """What a check gets: the arguments, the device, timing, assertions and tables."""
+
+    def __init__(self, args):
+        self.args = args
+        self.dry_run = args.dry_run
+        self.device = torch.device(args.device)
+        self.started = time.perf_counter()
+        self.failures: list[str] = []
+        self.tables: dict[str, list[dict]] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.args.budget_s
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def check(self, name: str, ok: bool, detail: str = ""):
+        print(f"  [{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
+        if not ok:
+            self.failures.append(f"{name} {detail}")
+
+    def table(self, title: str, row: dict):
+        self.tables.setdefault(title, []).append(row)
+
+    def timed(self, step, repeats: int | None = None, warmup: int = 1) -> dict:
+        """Median / 20% / 80% milliseconds of `step()` and its peak extra memory (MB, CUDA only)."""
+        repeats = repeats or self.args.repeats
+        for _ in range(warmup):
+            step()
+        self.sync()
+        peak_mb = float("nan")
+        if self.device.type == "cuda":
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            step()
+            self.sync()
+            peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+        times = []
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+        return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "peak_mb": peak_mb}
+
+
+def machine_info(device: torch.device) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+    except Exception:                                # noqa: BLE001 (informational only)
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "commit": commit, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if v != v else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- tidal
+def _distill_inputs(n, v_s, v_t, d_s, d_t, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    sh, sw = rnd(n, d_s), rnd(v_s, d_s, scale=2 / d_s ** 0.5)
+    th, tw = rnd(n, d_t), rnd(v_t, d_t, scale=2 / d_t ** 0.5)
+    t = torch.rand(n, generator=g).to(device)
+    if n >= 2:
+        t[0], t[1] = 0.0, 1.0
+    targets = torch.randint(0, v_s, (n,), generator=g).to(device)
+    ce_weight = (torch.rand(n, generator=g) * 2).to(device)
+    return sh, sw, th, tw, t, targets, ce_weight
+
+
+def _grads(fn, sh, sw, grad_outputs):
+    a, b = sh.detach().clone().requires_grad_(True), sw.detach().clone().requires_grad_(True)
+    out = fn(a, b)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o * g for o, g in zip(outs, grad_outputs)).backward()
+    return [o.detach().double() for o in outs], [a.grad.double(), b.grad.double()]
+
+
+def _rel(got, want):
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def tidal_correctness(ctx: Context):
+    import tide
+    if ctx.dry_run:
+        shapes = dict(n=37, v_s=301, v_t=283, shared=257, d_s=24, d_t=40)
+    else:
+        shapes = dict(n=1031, v_s=50280, v_t=50304, shared=50257, d_s=1024, d_t=2048)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype in (torch.bfloat16, torch.float32):
+        sh, sw, th, tw, t, targets, ce_weight = _distill_inputs(
+            shapes["n"], shapes["v_s"], shapes["v_t"], shapes["d_s"], shapes["d_t"], dtype, ctx.device)
+        cases = {
+            "tidal+ce mean": lambda impl: (lambda a, b: tide.tidal_loss(
+                a, b, th, tw, t, 0.4, shared_vocab=shapes["shared"], targets=targets, ce_weight=ce_weight,
+                impl=impl)),
+            "reverse kl+ce sum": lambda impl: (lambda a, b: tide.kl_loss(
+                a, b, th, tw, reverse=True, shared_vocab=shapes["shared"], targets=targets, reduction="sum",
+                impl=impl)),
+            "forward kl": lambda impl: (lambda a, b: tide.kl_loss(
+                a, b, th, tw, shared_vocab=shapes["shared"], impl=impl)),
+        }
+        loss_tol, grad_tol = (2e-4, 2e-2) if dtype == torch.bfloat16 else (2e-5, 1e-4)
+        for name, make in cases.items():
+            gos = (torch.tensor(0.7, device=ctx.device), torch.tensor(1.3, device=ctx.device))
+            # ground: the chunked PyTorch path in float32 on the same (exactly upcast) values
+            want = _grads(make("chunked"), sh.float(), sw.float(), gos)
+            for impl in ("triton", "triton_stream"):
+                got = _grads(make(impl), sh, sw, gos)
+                loss_err = max(_rel(g, w) for g, w in zip(got[0], want[0]))
+                grad_err = max(_rel(g, w) for g, w in zip(got[1], want[1]))
+                ok = loss_err <= loss_tol and grad_err <= grad_tol
+                ctx.check(f"{impl} {name} {str(dtype)[6:]}", ok,
+                          f"loss rel err {loss_err:.2e} (tol {loss_tol}), grad rel err {grad_err:.2e} (tol {grad_tol})")
+                ctx.table("tidal correctness", {"impl": impl, "case": name, "dtype": str(dtype)[6:],
+                                                "loss_rel_err": loss_err, "grad_rel_err": grad_err, "ok": ok})
+    # ragged chunks: a small workspace so that N is split into several chunks, the last one short
+    sh, sw, th, tw, t, targets, ce_weight = _distill_inputs(
+        shapes["n"], shapes["v_s"], shapes["v_t"], shapes["d_s"], shapes["d_t"], torch.bfloat16, ctx.device)
+    old = os.environ.get("TIDE_WORKSPACE_BYTES")
+    os.environ["TIDE_WORKSPACE_BYTES"] = str(2 * 4 * shapes["v_s"] * (7 if ctx.dry_run else 166))
+    try:
+        fn = lambda impl: (lambda a, b: tide.tidal_loss(a, b, th, tw, t, 0.9, shared_vocab=shapes["shared"],  # noqa: E731
+                                                        targets=targets, impl=impl))
+        gos = (torch.tensor(1.0, device=ctx.device), torch.tensor(1.0, device=ctx.device))
+        want = _grads(fn("chunked"), sh.float(), sw.float(), gos)
+        got = _grads(fn("triton"), sh, sw, gos)
+        loss_err = max(_rel(g, w) for g, w in zip(got[0], want[0]))
+        grad_err = max(_rel(g, w) for g, w in zip(got[1], want[1]))
+        ctx.check("triton ragged chunks bf16", loss_err <= 2e-4 and grad_err <= 2e-2,
+                  f"loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}")
+    finally:
+        if old is None:
+            os.environ.pop("TIDE_WORKSPACE_BYTES", None)
+        else:
+            os.environ["TIDE_WORKSPACE_BYTES"] = old
+
+
+def _liger_step(sh, sw, th, tw, targets, temperature):
+    """Liger's fused linear JSD at beta=0 (forward KL) with its hard-label CE: the nearest same work."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except Exception as exc:                         # noqa: BLE001
+        return None, f"liger-kernel not importable ({type(exc).__name__})"
+    import inspect
+    params = inspect.signature(LigerFusedLinearJSDLoss.__init__).parameters
+    options = {"beta": 0.0, "weight_hard_loss": 1.0, "weight_soft_loss": 1.0, "temperature": temperature}
+    loss_fn = LigerFusedLinearJSDLoss(**{k: v for k, v in options.items() if k in params})
+
+    def step():
+        loss = loss_fn(sh, sw, th, tw, targets)
+        loss.backward()
+        sh.grad = sw.grad = None
+    return step, "LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=1, weight_soft_loss=1)"
+
+
+def tidal_benchmark(ctx: Context):
+    import tide
+    if ctx.dry_run:
+        n, v, d_s, d_t = 64, 512, 32, 64
+    else:
+        n, v, d_s, d_t = ctx.args.rows, ctx.args.vocab, ctx.args.d_s, ctx.args.d_t
+    sh, sw, th, tw, t, targets, _ = _distill_inputs(n, v, v, d_s, d_t, torch.bfloat16, ctx.device)
+    sh.requires_grad_(True)
+    sw.requires_grad_(True)
+    flops = 2 * n * v * (3 * d_s + d_t)
+    title = f"tidal+ce fwd+bwd N={n} V={v} d_s={d_s} d_t={d_t} bf16"
+
+    def gemm_floor():                                # the four GEMMs of F, in cuBLAS, bf16
+        with torch.no_grad():
+            s = sh @ sw.T
+            th @ tw.T
+            s @ sw
+            s.T @ sh
+
+    floor = ctx.timed(gemm_floor)
+    floor_ms = floor["ms"]
+    ctx.table(title, {"impl": "floor: F / cuBLAS bf16 GEMM rate", "ms": floor_ms, "ms_p20": floor["ms_p20"],
+                      "ms_p80": floor["ms_p80"], "peak_mb": float("nan"),
+                      "TFLOP/s": flops / floor_ms / 1e9, "x_floor": 1.0})
+    print(f"  floor: F = {flops / 1e12:.2f} TFLOP in {floor_ms:.2f} ms ({flops / floor_ms / 1e9:.0f} TFLOP/s)",
+          flush=True)
+
+    def impl_step(impl):
+        def step():
+            distill, ce = tide.tidal_loss(sh, sw, th, tw, t, 0.37, targets=targets, impl=impl)
+            (distill + ce).backward()
+            sh.grad = sw.grad = None
+        return step
+
+    steps = {impl: impl_step(impl) for impl in ("reference", "chunked", "triton", "triton_stream")}
+    liger, liger_note = _liger_step(sh, sw, th, tw, targets, 2.0) if ctx.device.type == "cuda" else (
+        None, "CUDA only")
+    if liger is not None:
+        steps["liger"] = liger
+    print(f"  liger: {liger_note}", flush=True)
+    results = {}
+    old = os.environ.get("TIDE_CHUNK_BYTES")
+    os.environ["TIDE_CHUNK_BYTES"] = str(1 << 30 if not ctx.dry_run else 1 << 16)   # chunked at its best budget
+    try:
+        for impl, step in steps.items():
+            if ctx.out_of_time():
+                print(f"  {impl}: skipped, time budget of {ctx.args.budget_s}s spent", flush=True)
+                continue
+            try:
+                r = ctx.timed(step)
+            except torch.OutOfMemoryError:
+                print(f"  {impl}: out of memory", flush=True)
+                ctx.table(title, {"impl": impl, "ms": float("nan"), "peak_mb": float("nan"), "note": "OOM"})
+                torch.cuda.empty_cache()
+                continue
+            results[impl] = r
+            ctx.table(title, {"impl": impl, **r, "TFLOP/s": flops / r["ms"] / 1e9, "x_floor": r["ms"] / floor_ms})
+            print(f"  {impl}: {r['ms']:.2f} ms, peak {r['peak_mb']:.0f} MB", flush=True)
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        if old is None:
+            os.environ.pop("TIDE_CHUNK_BYTES", None)
+        else:
+            os.environ["TIDE_CHUNK_BYTES"] = old
+
+    def _fmt(r):
+        return "n/a" if r is None else f"{r:.3g}"
+
+    def goal(name, ok):
+        status = "n/a" if ok is None else ("PASS" if ok else "MISS")
+        ctx.table("tidal goals", {"goal": name, "status": status})
+        print(f"  goal {name}: {status}", flush=True)
+
+    def ratio(a, b, key="ms"):
+        if a in results and b in results and results[b][key] == results[b][key] and results[b][key] > 0:
+            return results[a][key] / results[b][key]
+        return None
+
+    r = ratio("reference", "triton")
+    goal(f"triton >= 3x faster than eager ({_fmt(r)}x)", None if r is None else r >= 3)
+    r = ratio("liger", "triton")
+    goal(f"triton >= 1.5x faster than Liger ({_fmt(r)}x)", None if r is None else r >= 1.5)
+    cuda = ctx.device.type == "cuda"
+    r = ratio("triton", "reference", "peak_mb") if cuda else None
+    goal(f"triton peak <= eager / 20 ({_fmt(r)})", None if r is None else r <= 1 / 20)
+    r = results["triton"]["ms"] / floor_ms if "triton" in results else None
+    goal(f"triton time <= 1.5x floor ({_fmt(r)}x)", None if r is None else r <= 1.5)
+    r = ratio("triton_stream", "reference", "peak_mb") if cuda else None
+    goal(f"triton_stream peak <= eager / 100 ({_fmt(r)})", None if r is None else r <= 1 / 100)
+
+
+def check_tidal(ctx: Context):
+    print("tidal: correctness", flush=True)
+    tidal_correctness(ctx)
+    print("tidal: benchmark", flush=True)
+    tidal_benchmark(ctx)
+
+
+CHECKS = {"tidal": check_tidal}
+
+
+def registered_checks() -> dict:
+    checks = dict(CHECKS)
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            print(f"(plugin {name} not present: its checks are not registered)", flush=True)
+            continue
+        checks.update(getattr(module, "CHECKS", {}))
+    return checks
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="all", help="a registered check (tidal, calm, ...) or 'all'")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on CPU under TRITON_INTERPRET=1: exercises the script, measures nothing")
+    p.add_argument("--rows", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--d-s", dest="d_s", type=int, default=1024)
+    p.add_argument("--d-t", dest="d_t", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", dest="budget_s", type=float, default=420.0,
+                   help="skip the remaining timings after this many seconds")
+    p.add_argument("--json", default=None, help="write machine info, tables and failures here")
+    args = p.parse_args(argv)
+    if args.device is None:
+        args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    if args.dry_run:
+        args.repeats = min(args.repeats, 2)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu needs --dry-run (TRITON_INTERPRET=1): the Triton impls need CUDA otherwise")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    checks = registered_checks()
+    names = list(checks) if args.only == "all" else [args.only]
+    unknown = [n for n in names if n not in checks]
+    if unknown:
+        print(f"unknown check {unknown[0]!r}; registered: {sorted(checks)}", file=sys.stderr)
+        return 2
+    ctx = Context(args)
+    info = machine_info(ctx.device)
+    print(json.dumps(info), flush=True)
+    for name in names:
+        checks[name](ctx)
+    for title, rows in ctx.tables.items():
+        print(f"\n### {title}\n\n{markdown(rows)}")
+    print(f"\n{len(ctx.failures)} correctness failures; {ctx.elapsed():.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "tables": ctx.tables, "failures": ctx.failures}, f, indent=1, default=str)
+    return 1 if ctx.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
