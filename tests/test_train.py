@@ -1,0 +1,190 @@
+"""The trainer end to end on tiny models: every method for one step in each pipeline,
+config errors before training, bit-exact resume after SIGKILL, DDP (gloo, 2 CPU
+processes) against one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tide.config import Config, build_parser, load_config
+from tide.demo import stdlib_text, train_tokenizer
+from tide.models import build_config, build_model
+from tide.train import main
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Two tokenizers (BPE / Unigram), a text file, a chat file, MDLM and BD3LM teachers."""
+    root = tmp_path_factory.mktemp("train_assets")
+    texts = stdlib_text(60_000)
+    data = root / "text.txt"
+    data.write_text("\n".join(texts), encoding="utf-8")
+    tok_t = train_tokenizer(texts, "bpe", 320, str(root / "tok_teacher"))
+    train_tokenizer(texts, "unigram", 300, str(root / "tok_student"))
+    # same vocabulary, another chat template: the "aligned" pipeline
+    tok_t.chat_template = CHAT_TEMPLATE
+    tok_t.save_pretrained(root / "tok_teacher_chat")
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"},
+                                      {"role": "assistant", "content": data.read_text()[i * 80:(i + 1) * 80]}]})
+             for i in range(24)]
+    (root / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    mask_id = tok_t.convert_tokens_to_ids("<|mask|>")
+    teachers = {}
+    for kind in ("mdlm", "bd3lm"):
+        torch.manual_seed(0)
+        teacher = build_model(kind, build_config("llama", len(tok_t), 48, 1, 2), block_size=8, mask_token_id=mask_id)
+        teachers[kind] = root / f"teacher_{kind}"
+        teacher.save_pretrained(teachers[kind])
+        tok_t.save_pretrained(teachers[kind])
+    return {"root": root, "data": str(data), "chat": str(root / "chat.jsonl"),
+            "tok_teacher": str(root / "tok_teacher"), "tok_student": str(root / "tok_student"),
+            "tok_teacher_chat": str(root / "tok_teacher_chat"),
+            "mdlm": str(teachers["mdlm"]), "bd3lm": str(teachers["bd3lm"])}
+
+
+def tiny(out, **kw):
+    args = {"output-dir": str(out), "max-steps": 1, "device": "cpu", "seq-len": 32, "block-size": 8,
+            "batch-size": 4, "student-hidden": 32, "student-layers": 1, "student-heads": 2,
+            "warmup-steps": 1, "lr": 1e-3, "progress-bar": "false", "log-interval": 1}
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+CASES = [  # (method, pipeline, compdemo, teacher)
+    ("ce", "shared", False, None),
+    ("kl", "shared", False, "mdlm"),
+    ("reverse_kl", "shared", False, "mdlm"),
+    ("tidal", "shared", True, "mdlm"),
+    ("tidal", "shared", False, "bd3lm"),
+    ("kl", "aligned", False, "mdlm"),
+    ("tidal", "aligned", True, "mdlm"),
+    ("calm", "cross", False, "mdlm"),
+    ("reverse_calm", "cross", True, "mdlm"),
+    ("calm_tidal", "cross", True, "bd3lm"),
+]
+
+
+@pytest.mark.parametrize("method,pipeline,compdemo,teacher", CASES)
+def test_one_step(assets, tmp_path, method, pipeline, compdemo, teacher):
+    kw = {"method": method, "pipeline": pipeline, "compdemo": compdemo, "data": assets["data"],
+          "student-tokenizer": assets["tok_teacher"]}
+    if teacher:
+        kw["teacher"] = assets[teacher]
+    if pipeline == "aligned":
+        kw.update({"data": assets["chat"], "teacher-tokenizer": assets["tok_teacher_chat"], "seq-len": 64})
+    if pipeline == "cross":
+        kw.update({"student-tokenizer": assets["tok_student"], "teacher-seq-len": 40})
+    result = main(tiny(tmp_path, **kw))
+    record = result["history"][-1]
+    assert record["step"] == 1 and all(map(torch.isfinite, map(torch.tensor, (record["loss"], record["ce"]))))
+    if method != "ce":
+        assert record["distill"] > 0 and record["distill"] == record["distill"]
+    assert record["lambda"] is not None if method in ("tidal", "calm_tidal") else record["lambda"] is None
+    ckpt = result["checkpoint"]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "rng_rank0.pt"):
+        assert os.path.exists(os.path.join(ckpt, name)), name
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as fh:
+        assert json.loads(fh.readline())["step"] == 1
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text, name
+    assert "default: 2.0" in text and "--output-dir" in text and "--resume" in text
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: kl\ntemperature: 3.0\nblock_size: 16\n")
+    cfg = load_config(["--config", str(path), "--temperature", "1.5", "--resume"])
+    assert (cfg.method, cfg.temperature, cfg.block_size, cfg.resume) == ("kl", 1.5, 16, True)
+    assert (cfg.lambda_init, cfg.lambda_max, cfg.demo_ratio, cfg.eps) == (0.1, 0.9, 0.5, 1e-3)
+    path.write_text("metod: kl\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"method": "distill"}, "unknown --method"),
+    ({"seq-len": 30}, "must divide --seq-len"),
+    ({"teacher": "/nonexistent/teacher"}, "is not a directory"),
+    ({"data": "/nonexistent/data.txt"}, "--data"),
+    ({"pipeline": "cross", "method": "tidal"}, "needs one vocabulary"),
+    ({"pipeline": "shared", "method": "reverse_calm"}, "--pipeline cross"),
+    ({"student-tokenizer": "STUDENT_TOK"}, "needs one tokenizer"),  # shared pipeline, vocab mismatch
+])
+def test_bad_config_fails_before_training(assets, tmp_path, change, message):
+    kw = {"method": "tidal", "teacher": assets["mdlm"], "data": assets["data"],
+          "student-tokenizer": assets["tok_teacher"]}
+    kw.update({k: assets["tok_student"] if v == "STUDENT_TOK" else v for k, v in change.items()})
+    with pytest.raises(SystemExit, match=message):
+        main(tiny(tmp_path, **kw))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from tide.train import main
+    kill_at, calls = int(os.environ["KILL_AT_STEP"]), [0]
+    step = torch.optim.AdamW.step
+    def dying_step(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *a, **k)
+    torch.optim.AdamW.step = dying_step
+    main(sys.argv[1:])
+""")
+
+
+def test_resume_after_sigkill_is_bit_exact(assets, tmp_path):
+    kw = {"method": "tidal", "compdemo": "true", "teacher": assets["mdlm"], "data": assets["data"],
+          "student-tokenizer": assets["tok_teacher"], "max-steps": 8, "save-interval": 3, "keep-last": 2}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = [sys.executable, "-m", "tide.train"]
+    subprocess.run(run + tiny(tmp_path / "full", **kw), check=True, env=env, capture_output=True)
+    killed = subprocess.run([sys.executable, "-c", KILLER] + tiny(tmp_path / "cut", **kw),
+                            env=dict(env, KILL_AT_STEP="6"), capture_output=True)
+    assert killed.returncode == -9  # SIGKILL, in the middle of step 6
+    assert sorted(os.listdir(tmp_path / "cut")) == ["checkpoint-3", "metrics.jsonl"]
+    subprocess.run(run + tiny(tmp_path / "cut", **kw) + ["--resume"], check=True, env=env, capture_output=True)
+    full = load_file(tmp_path / "full" / "checkpoint-8" / "model.safetensors")
+    resumed = load_file(tmp_path / "cut" / "checkpoint-8" / "model.safetensors")
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    assert sorted(os.listdir(tmp_path / "cut")) == ["checkpoint-6", "checkpoint-8", "metrics.jsonl"]
+
+
+def test_ddp_two_processes_match_one(assets, tmp_path):
+    kw = {"method": "tidal", "compdemo": "true", "teacher": assets["mdlm"], "data": assets["data"],
+          "student-tokenizer": assets["tok_teacher"], "max-steps": 4, "batch-size": 2, "save-interval": 100}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = tiny(tmp_path / "one", **kw) + ["--grad-accum", "2"]
+    subprocess.run([sys.executable, "-m", "tide.train"] + single, check=True, env=env, capture_output=True)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tide.train"] + tiny(tmp_path / "two", **kw)
+    out = subprocess.run(ddp, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    def losses(name):
+        with open(tmp_path / name / "metrics.jsonl") as fh:
+            return [json.loads(line)["loss"] for line in fh]
+    one, two = losses("one"), losses("two")
+    assert len(one) == len(two) == 4
+    assert torch.allclose(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5), (one, two)
+    a = load_file(tmp_path / "one" / "checkpoint-4" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoint-4" / "model.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
