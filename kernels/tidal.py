@@ -492,6 +492,7 @@ def _stream_bwd_kernel(
         coef_d_ptr, coef_c_ptr,      # [N] g_distill * scale * T * w, g_ce * scale * cw
         DH, DW,                      # [N, d_s], [V_s, d_s] fp32/fp64 gradient accumulators
         N, V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
+        col_offset,                  # first vocabulary column of this slab (SW, TW, DW start there)
         stride_shn, stride_shk, stride_swv, stride_swk,
         stride_thn, stride_thk, stride_twv, stride_twk, stride_dhn, stride_dwv,
         inv_T,
@@ -507,7 +508,7 @@ def _stream_bwd_kernel(
     coef_d = tl.load(coef_d_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
     if HAS_TARGETS:
         lse_1 = tl.load(stats_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0) - col_offset   # slab-local target column
         coef_c = tl.load(coef_c_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
 
     for v0 in range(0, V, BLOCK_V):
@@ -598,6 +599,22 @@ def workspace_rows(num_rows: int, width: int, elem_bytes: int, device: torch.dev
     return min(rows, max(num_rows, 1))
 
 
+DEFAULT_STREAM_SLAB_BYTES = 64 << 20   # fp32 d student_weight slab of the streaming backward
+
+
+def stream_slab_rows(width: int, d_s: int, elem_bytes: int, block_v: int,
+                     workspace_bytes: int | None = None) -> int:
+    """Vocabulary rows per backward slab of triton_stream: the fp32 [rows, d_s] d-weight accumulator
+    fits `workspace_bytes` (else env TIDE_WORKSPACE_BYTES, else 64 MiB); a multiple of BLOCK_V."""
+    budget = workspace_bytes
+    if budget is None and os.environ.get("TIDE_WORKSPACE_BYTES"):
+        budget = int(os.environ["TIDE_WORKSPACE_BYTES"])
+    if budget is None:
+        budget = DEFAULT_STREAM_SLAB_BYTES
+    rows = max(block_v, budget // max(1, d_s * elem_bytes) // block_v * block_v)
+    return min(rows, triton.cdiv(max(width, 1), block_v) * block_v)
+
+
 def _row_kernel_config(width: int):
     if _interpreting():
         return 2, 128, 4
@@ -676,12 +693,12 @@ class _ChunkedDistill(torch.autograd.Function):
         grads_h = [saved.pop(0) for _ in range(n_terms)] if need_dh else None
         grads_w = [saved.pop(0) for _ in range(n_terms)] if need_dw else None
 
-        def combine(grads, dtype):
+        def combine(grads, dtype):                 # g_distill * G_distill (+ g_ce * G_ce), no sync
             if grads is None:
                 return None
             out = grads[0] * grad_outputs[0].to(grads[0].dtype)
             for g, go in zip(grads[1:], grad_outputs[1:]):
-                out = out.add_(g * go.to(g.dtype))
+                out.addcmul_(g, go.to(g.dtype))         # in place: no third [V_s, d_s] buffer
             return out.to(dtype)
 
         return (combine(grads_h, ctx.in_dtypes[0]), combine(grads_w, ctx.in_dtypes[1]),
@@ -753,17 +770,29 @@ class _StreamDistill(torch.autograd.Function):
         coef_d = (grad_outputs[0].to(compute) * (scale * T)) * w               # [N], on device: no sync
         coef_c = (grad_outputs[1].to(compute) * scale) * cw if params.has_targets else coef_d
         dh = torch.zeros(num_rows, d_s, dtype=compute, device=sh.device) if need_dh else stats
-        dw = torch.zeros(V_s, d_s, dtype=compute, device=sh.device) if need_dw else stats
+        dw_out = torch.zeros(V_s, d_s, dtype=ctx.in_dtypes[1], device=sh.device) if need_dw else None
         bm, bv, bk, warps, stages = _stream_config(sh.element_size())
+        width = V_s if params.has_targets else params.vocab
+        rows = stream_slab_rows(width, d_s, torch.finfo(compute).bits // 8, bv, params.workspace_bytes)
         if num_rows and (need_dh or need_dw):
-            _stream_bwd_kernel[(triton.cdiv(num_rows, bm),)](
-                sh, sw, th, tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
-                num_rows, params.vocab, V_s if params.has_targets else 0, d_s, d_t,
-                *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T,
-                REVERSE=params.reverse, NEED_DH=need_dh, NEED_DW=need_dw,
-                IEEE=sh.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-                num_warps=warps, num_stages=stages)
-        return (dh.to(ctx.in_dtypes[0]) if need_dh else None, dw.to(ctx.in_dtypes[1]) if need_dw else None,
+            # Vocabulary slabs [lo, hi), cut at V so each slab is all-distill (+CE) or all-CE: the fp32
+            # d-weight accumulator is one slab, cast into the output after its launch. No FLOP is
+            # repeated: every logit tile is still recomputed exactly once.
+            slabs = [(lo, min(lo + rows, params.vocab)) for lo in range(0, params.vocab, rows)]
+            slabs += [(lo, min(lo + rows, width)) for lo in range(params.vocab, width, rows)]
+            for lo, hi in slabs:
+                dw = torch.zeros(hi - lo, d_s, dtype=compute, device=sh.device) if need_dw else stats
+                in_shared = lo < params.vocab
+                _stream_bwd_kernel[(triton.cdiv(num_rows, bm),)](
+                    sh, sw[lo:], th, tw[lo:] if in_shared else tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
+                    num_rows, hi - lo if in_shared else 0, hi - lo if params.has_targets else 0, d_s, d_t, lo,
+                    *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T,
+                    REVERSE=params.reverse, NEED_DH=need_dh, NEED_DW=need_dw,
+                    IEEE=sh.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                    num_warps=warps, num_stages=stages)
+                if need_dw:
+                    dw_out[lo:hi] = dw
+        return (dh.to(ctx.in_dtypes[0]) if need_dh else None, dw_out,
                 None, None, None, None, None, None, None)
 
 
