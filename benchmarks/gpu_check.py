@@ -2,17 +2,24 @@
 
     python -m benchmarks.gpu_check --only tidal [--json FILE]   # one H200: under 8 minutes
     python -m benchmarks.gpu_check --dry-run                    # CPU, TRITON_INTERPRET=1, tiny shapes
+    python -m benchmarks.gpu_check --compile-only               # CPU: compile every kernel for sm_90a
 
 Never a test dependency. `--dry-run` runs every code path of this script (argument
 parsing, checks, timing, tables, goals, JSON) on tiny shapes on CPU under the
 Triton interpreter, so the script is known not to crash on trivial errors before a
 GPU is lent.
 
+`--compile-only` compiles the kernels ahead of time for an H100/H200 (sm_90a) with the
+ptxas that ships with Triton, no GPU needed, as a real launch would specialise them
+(unit strides, 16-divisible pointers and strides), and prints registers, spills and
+shared memory: compile errors that the interpreter cannot see show up here.
+
 Checks are pluggable: this file registers "tidal" (tide.kernels.tidal, both
 strategies); any module named in PLUGINS that imports cleanly contributes its own
 `CHECKS = {"name": fn}` (e.g. benchmarks/gpu_check_calm.py for token_logprob / calm),
-each `fn(ctx: Context)` using ctx.timed / ctx.check / ctx.table below. `--only all`
-runs every registered check.
+each `fn(ctx: Context)` using ctx.timed / ctx.check / ctx.table below, and optionally
+`COMPILE_CHECKS = {"name": fn()}` using `aot_compile`. `--only all` runs every
+registered check.
 
 "tidal" does:
 1. correctness of impl="triton" and impl="triton_stream" against the chunked PyTorch
@@ -339,11 +346,102 @@ def check_tidal(ctx: Context):
     tidal_benchmark(ctx)
 
 
+# --------------------------------------------------------------------------- ahead-of-time compile
+UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn", "stride_shk", "stride_swk", "stride_thk", "stride_twk")
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, arch: int = 90,
+                unit_strides=UNIT_STRIDES) -> dict:
+    """Compile a @triton.jit kernel for `arch` without a GPU; returns shared bytes, registers, spills.
+
+    `signature`: {arg: "*bf16" | "i32" | "fp32" ...} for the runtime arguments; `constexprs`: values of
+    the constexpr ones. Pointers, strides and M/N sizes are marked 16-divisible and the arguments
+    named in unit_strides are specialised to 1, as a real launch does on contiguous tensors.
+    """
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    jit = kernel
+    while not isinstance(jit, JITFunction):            # heuristics / autotune wrappers
+        jit = jit.fn
+    names = jit.arg_names
+    consts = dict(constexprs)
+    consts.update({n: 1 for n in names if n in unit_strides and n not in consts})
+    sig = {n: ("constexpr" if n in consts else signature[n]) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if n not in consts and (signature[n].startswith("*") or n.startswith("stride") or n in ("M", "N"))}
+    src = ASTSource(fn=jit, signature=sig, attrs=attrs, constexprs={(names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    info = {"kernel": jit.__name__, "shared_bytes": compiled.metadata.shared, "registers": None, "spill_bytes": None}
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if os.path.exists(ptxas):
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        os.unlink(f.name)
+        for line in out.splitlines():
+            if "Used" in line and "registers" in line:
+                info["registers"] = int(line.split("Used")[1].split("registers")[0])
+            if "spill stores" in line:
+                info["spill_bytes"] = int(line.split("bytes spill stores")[0].split(",")[-1])
+    return info
+
+
+def compile_tidal() -> list[dict]:
+    """Every Triton kernel of tide.kernels.tidal, in the configs a bf16 / fp32 H100-H200 run launches."""
+    from tide.kernels import tidal
+    out = []
+    mm_sig = dict(A="*bf16", B="*bf16", C="*fp32", M="i32", N="i32", stride_am="i32", stride_ak="i32",
+                  stride_bk="i32", stride_bn="i32", stride_cs="i32", stride_cm="i32", stride_cn="i32")
+    for a_ty, b_ty in (("bf16", "bf16"), ("fp32", "bf16"), ("fp32", "fp32")):
+        for accumulate in (False, True):
+            bm, bn, bk, warps, stages = tidal._matmul_config(4 if b_ty == "fp32" else 2, accumulate)
+            info = aot_compile(tidal._matmul_kernel, dict(mm_sig, A="*" + a_ty, B="*" + b_ty),
+                               dict(K=1024, K_SPLIT=1024, ACCUMULATE=accumulate, IEEE=b_ty == "fp32",
+                                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
+            out.append({**info, "config": f"{a_ty}x{b_ty} acc={accumulate}"})
+    rows_sig = dict(S="*fp32", U="*fp32", lam_ptr="*fp32", w_ptr="*fp32", tgt_ptr="*i64", cw_ptr="*fp32",
+                    distill_ptr="*fp32", ce_ptr="*fp32", R="i32", stride_s="i32", stride_u="i32",
+                    T="fp32", inv_T="fp32", scale="fp32")
+    block_r, block_v, warps = tidal._row_kernel_config(151936)
+    for reverse in (False, True):
+        for targets in (False, True):
+            info = aot_compile(tidal._chunk_rows_kernel, rows_sig,
+                               dict(V=151936, V_s=151936 if targets else 0, REVERSE=reverse, NEED_GRAD=True,
+                                    HAS_TARGETS=targets, BLOCK_R=block_r, BLOCK_V=block_v), warps, 1)
+            out.append({**info, "config": f"reverse={reverse} targets={targets}"})
+    stream_sig = dict(SH="*bf16", SW="*bf16", TH="*bf16", TW="*bf16", lam_ptr="*fp32", w_ptr="*fp32",
+                      tgt_ptr="*i64", cw_ptr="*fp32", stats_ptr="*fp32", distill_ptr="*fp32", ce_ptr="*fp32",
+                      coef_d_ptr="*fp32", coef_c_ptr="*fp32", DH="*fp32", DW="*fp32", N="i32", col_offset="i32",
+                      stride_shn="i32", stride_shk="i32", stride_swv="i32", stride_swk="i32", stride_thn="i32",
+                      stride_thk="i32", stride_twv="i32", stride_twk="i32", stride_dhn="i32", stride_dwv="i32",
+                      T="fp32", inv_T="fp32")
+    for dtype, elem in (("bf16", 2), ("fp32", 4)):
+        sig = {k: ("*" + dtype if k in ("SH", "SW", "TH", "TW") else v) for k, v in stream_sig.items()}
+        bm, bv, bk, warps, stages = tidal._stream_config(elem)
+        for reverse in (False, True):
+            meta = dict(d_s=1024, d_t=4096, REVERSE=reverse, HAS_TARGETS=True, IEEE=dtype == "fp32",
+                        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+            info = aot_compile(tidal._stream_fwd_kernel, sig, dict(meta, V=151936, V_s=151936), warps, stages)
+            out.append({**info, "config": f"{dtype} reverse={reverse}"})
+            info = aot_compile(tidal._stream_bwd_kernel, sig,
+                               dict(meta, V=16384, V_s=16384, NEED_DH=True, NEED_DW=True), warps, stages)
+            out.append({**info, "config": f"{dtype} reverse={reverse}"})
+    return out
+
+
 CHECKS = {"tidal": check_tidal}
+COMPILE_CHECKS = {"tidal": compile_tidal}
 
 
-def registered_checks() -> dict:
-    checks = dict(CHECKS)
+def registered_checks(attribute: str = "CHECKS") -> dict:
+    checks = dict(globals()[attribute])
     for name in PLUGINS:
         try:
             module = importlib.import_module(name)
@@ -352,8 +450,30 @@ def registered_checks() -> dict:
                 raise
             print(f"(plugin {name} not present: its checks are not registered)", flush=True)
             continue
-        checks.update(getattr(module, "CHECKS", {}))
+        checks.update(getattr(module, attribute, {}))
     return checks
+
+
+def compile_only(args) -> int:
+    """Ahead-of-time compile for sm_90a of every registered kernel set; fails on any compile error."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("--compile-only needs TRITON_INTERPRET unset (the interpreter replaces @triton.jit)",
+              file=sys.stderr)
+        return 2
+    checks = registered_checks("COMPILE_CHECKS")
+    names = list(checks) if args.only == "all" else [args.only]
+    rows = []                                          # a compile error raises: non-zero exit
+    for name in names:
+        if name not in checks:
+            print(f"(no compile check for {name!r})")
+            continue
+        for row in checks[name]():
+            rows.append({"check": name, **row})
+    for row in rows:
+        if row.get("spill_bytes"):
+            print(f"note: {row['kernel']} {row['config']} spills {row['spill_bytes']} bytes")
+    print(markdown(rows))
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -361,6 +481,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="all", help="a registered check (tidal, calm, ...) or 'all'")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--compile-only", dest="compile_only", action="store_true",
+                   help="compile the kernels for sm_90a on this machine (no GPU needed) and stop")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes on CPU under TRITON_INTERPRET=1: exercises the script, measures nothing")
     p.add_argument("--rows", type=int, default=8192)
@@ -376,13 +498,15 @@ def parse_args(argv=None):
         args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
     if args.dry_run:
         args.repeats = min(args.repeats, 2)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not args.compile_only:
         p.error("--device cpu needs --dry-run (TRITON_INTERPRET=1): the Triton impls need CUDA otherwise")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
     checks = registered_checks()
     names = list(checks) if args.only == "all" else [args.only]
     unknown = [n for n in names if n not in checks]

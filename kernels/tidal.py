@@ -233,6 +233,18 @@ def _matmul_configs():
                                       (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4))]
 
 
+def _matmul_config(elem_bytes: int, accumulate: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for H100/H200: 128 x 256 bf16 wgmma tiles;
+    128 x 128 when the epilogue also reads C (no register spills); small tiles in the interpreter."""
+    if _interpreting():
+        return 32, 64, 32, 4, 1
+    if elem_bytes >= 4:
+        return 128, 128, 32, 8, 3
+    if accumulate:
+        return 128, 128, 64, 8, 4
+    return 128, 256, 64, 8, 3
+
+
 _matmul_autotuned = None
 _SM_COUNT: dict = {}
 
@@ -265,12 +277,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         _matmul_autotuned[grid](a, b, out, M, N, K, *strides, 0, out.stride(0), out.stride(1),
                                 K_SPLIT=triton.cdiv(K, 64) * 64, ACCUMULATE=accumulate, IEEE=ieee)
         return out
-    if _interpreting():
-        bm, bn, bk, warps, stages = 32, 64, 32, 4, 1
-    elif b.element_size() >= 4:
-        bm, bn, bk, warps, stages = 128, 128, 32, 8, 3
-    else:
-        bm, bn, bk, warps, stages = 128, 256, 64, 8, 3
+    bm, bn, bk, warps, stages = _matmul_config(b.element_size(), accumulate)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
     if tiles < 2 * _sm_count(out.device) and K >= 8 * bk:
@@ -709,7 +716,7 @@ def _stream_config(elem_bytes: int):
     if _interpreting():
         return 16, 64, 32, 4, 1           # BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages
     if elem_bytes >= 4:
-        return 64, 64, 32, 4, 2
+        return 64, 64, 32, 8, 2
     return 64, 128, 64, 8, 3
 
 
