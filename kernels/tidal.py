@@ -209,9 +209,9 @@ def _matmul_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)   # int64: large V * d
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * K_SPLIT + tl.arange(0, BLOCK_K)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=C.dtype.element_ty)
     for k0 in range(0, K_SPLIT, BLOCK_K):
         ks = k0 + offs_k
@@ -313,7 +313,7 @@ def _chunk_rows_kernel(
         T, inv_T, scale,             # temperature, 1 / T, 1 / N ("mean") or 1 ("sum")
         REVERSE: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < R
     acc_ty = S.dtype.element_ty
     lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
@@ -439,7 +439,7 @@ def _stream_fwd_kernel(
         T, inv_T,
         REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < N
     acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
     lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
@@ -453,7 +453,7 @@ def _stream_fwd_kernel(
         cw = tl.load(cw_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
 
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
         col_ok = cols < V
         s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
                         acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
@@ -467,7 +467,7 @@ def _stream_fwd_kernel(
             s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
     if HAS_TARGETS:
         for v0 in range(V, V_s, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
             col_ok = cols < V_s
             s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
                             stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
@@ -505,7 +505,7 @@ def _stream_bwd_kernel(
         inv_T,
         REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_ok = rows < N
     acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
     lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
@@ -519,7 +519,7 @@ def _stream_bwd_kernel(
         coef_c = tl.load(coef_c_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
 
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
         col_ok = cols < V
         s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
                         acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
@@ -535,7 +535,7 @@ def _stream_bwd_kernel(
                             NEED_DH, NEED_DW, IEEE, BLOCK_K)
     if HAS_TARGETS:
         for v0 in range(V, V_s, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
             col_ok = cols < V_s
             s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
                             stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
