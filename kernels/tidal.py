@@ -52,18 +52,27 @@ Strategy 1: row-chunked workspace (impl="triton", `_ChunkedDistill`)
         _chunk_rows_kernel, grid (cdiv(c, BLOCK_R),):    # sweep 1: stats + loss; sweep 2: gradients
             S <- dDistill/dS (in place),  U <- dCE/dS (in place, width V_s')
         dH_distill[chunk]  = S @ W_s;   dW_distill += S^T @ H_s[chunk]   (same for CE from U)
+The GEMMs are one tl.dot kernel (tutorial 03: grouped ordering, 128 x 256 x 64 bf16 tiles, fp32
+out, any strides so transposes are views); the logit gradient is rounded to the weight dtype
+for the tensor cores (as Liger and CCE do), accumulation is fp32. d student_hidden = S @ W_s has
+few output tiles and a reduction over the whole vocabulary, so it is split-K: each program
+reduces one K range into an fp32 partials buffer [SPLIT, c, d_s], summed afterwards.
 The gradients are computed in forward (Liger style) for unit upstream gradients, with the
 reduction's 1/N folded in, and kept as fp32 [N, d_s] and [V_s, d_s] per term; backward only
-scales and adds them (g_distill * G_distill + g_ce * G_ce). Without targets that is exactly
-F = 2 N V (3 d_s + d_t) FLOPs (logits once + two gradient GEMMs). With targets the two terms'
-gradients must stay separate until backward knows both upstream gradients, so the two gradient
-GEMMs run twice: 2 N V (5 d_s + d_t) FLOPs, still no recompute of any logit.
-Workspace: 2 * c * V_s' * 4 bytes (default budget min(1 GiB, free memory / 4), env
-TIDE_WORKSPACE_BYTES, or the `workspace_bytes=` argument). HBM traffic per chunk: the GEMMs write
-S and U once (8 c V bytes), the row kernel reads them twice and writes them once (24 c V bytes),
-the gradient GEMMs read them once (8 c V): about 5 passes over fp32 [c, V] per chunk, against
-about 15 over [N, V] for the eager reference. d student_weight accumulates chunk after chunk
-into an fp32 buffer, each output tile owned by one program: deterministic.
+scales and adds them (g_distill * G_distill + g_ce * G_ce), no sync. Without targets that is
+exactly F = 2 N V (3 d_s + d_t) FLOPs (logits once + two gradient GEMMs). With targets the two
+terms' gradients must stay separate until backward knows both upstream gradients, so the two
+gradient GEMMs run once per term: 2 N V (5 d_s + d_t) FLOPs (1.29 F at d_s = 1024, d_t = 4096),
+still no logit recomputed. (The alternative, recomputing the logits in backward, costs
+2 N V (4 d_s + 2 d_t) = 1.71 F.)
+Memory: workspace 2 * c * V_s' * 4 bytes (default budget min(1 GiB, free memory / 4), env
+TIDE_WORKSPACE_BYTES, or the `workspace_bytes=` argument; c never depends on N), plus the fp32
+gradients (one or two [V_s, d_s] and [N, d_s]). HBM traffic per chunk: the GEMMs write S and U
+once (8 c V bytes), the row kernel reads them twice and writes them once (24 c V bytes), the
+gradient GEMMs read them once (8 c V): about 5 passes over fp32 [c, V] per chunk, against about
+15 over [N, V] for the eager reference. Determinism: every output tile of every GEMM is owned by
+one program, d student_weight accumulates chunk after chunk in order, split-K partials are summed
+by torch: bit-for-bit reproducible.
 
 Strategy 2: streaming (impl="triton_stream", `_StreamDistill`), Cut-Cross-Entropy style
 ----------------------------------------------------------------------------------------
@@ -72,23 +81,33 @@ Strategy 2: streaming (impl="triton_stream", `_StreamDistill`), Cut-Cross-Entrop
             s_tile = H_s[rows] @ W_s[tile].T  (tl.dot over d_s in BLOCK_K steps), u_tile likewise
             update the 7 per-row scalars                     # tiles never leave the chip
         write per row: lse(z), lse(target), KL, lse(s) and the two loss terms   -> O(N) memory
-    _stream_bwd_kernel, same grid, upstream gradients known now:
-        recompute s_tile, u_tile; G = coef_d * dDistill + coef_c * dCE   [BLOCK_M, BLOCK_V]
-        for each BLOCK_K slice of d_s:
+    for each vocabulary slab [lo, hi) (fp32 [hi - lo, d_s] fits 64 MiB; cut at V):
+      _stream_bwd_kernel, grid (cdiv(N, BLOCK_M),), upstream gradients known now:
+        for each vocab tile of the slab:
+          recompute s_tile, u_tile; G = coef_d * dDistill + coef_c * dCE   [BLOCK_M, BLOCK_V]
+          for each BLOCK_K slice of d_s:
             dH[rows, k] += G @ W_s[tile, k]           (rows owned by this program: plain RMW)
-            dW[tile, k] += G^T @ H_s[rows, k]         (tl.atomic_add, fp32: order not deterministic)
+            dW[tile, k] += G^T @ H_s[rows, k]         (tl.atomic_add, fp32)
+      d student_weight[lo:hi] = dW (cast to the weight dtype)
 FLOPs: 2 N V (d_s + d_t) forward + 2 N V (d_s + d_t) recompute + 2 * 2 N V d_s gradients
-= 2 N V (4 d_s + 2 d_t), more than F, for O(N) extra memory (the per-row statistics; the fp32
-dH [N, d_s] and dW [V_s, d_s] are gradient-sized). HBM traffic: the weights are re-read once per
-row block (L2-friendly), no [N, V] bytes at all.
+= 2 N V (4 d_s + 2 d_t) (1.71 F at d_s = 1024, d_t = 4096), for O(N) extra memory: the per-row
+statistics, the fp32 dH [N, d_s] and one 64 MiB fp32 dW slab, next to the returned gradients.
+HBM traffic: the weights are re-read once per row block (L2-friendly), no [N, V] bytes at all.
+Determinism: dW's fp32 atomics add the row blocks in no fixed order (last-bit differences
+between runs); dH is deterministic. Parallelism is one program per BLOCK_M rows (128 programs
+at N = 8192): fine for large N, under-filled for small N (a vocabulary split with an LSE merge,
+as CCE does, is the next step).
 
-Block sizes: a fixed config per kernel, chosen for H100/H200 (bf16 tensor cores); under
-TRITON_INTERPRET=1 small blocks. Autotuning of the GEMM is behind TIDE_AUTOTUNE=1.
+Block sizes: a fixed config per kernel, chosen for H100/H200 and checked for register spills
+by `python -m benchmarks.gpu_check --compile-only` (sm_90a, no GPU needed); small blocks under
+TRITON_INTERPRET=1. Autotuning of the GEMM is behind TIDE_AUTOTUNE=1. Loop bounds (V, V_s,
+d_s, d_t, K) are constexpr: Triton 3.6's interpreter cannot loop to a runtime bound with
+NumPy 2, and on the GPU they are fixed per model (one compile per shape; the GEMM's K is the
+chunk height for d student_weight, so the last, shorter chunk compiles once more).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
