@@ -393,6 +393,10 @@ def aot_compile(kernel, signature: dict, constexprs: dict, num_warps: int, num_s
     return info
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def compile_tidal() -> list[dict]:
     """Every Triton kernel of tide.kernels.tidal, in the configs a bf16 / fp32 H100-H200 run launches."""
     from tide.kernels import tidal
@@ -416,23 +420,30 @@ def compile_tidal() -> list[dict]:
                                dict(V=151936, V_s=151936 if targets else 0, REVERSE=reverse, NEED_GRAD=True,
                                     HAS_TARGETS=targets, BLOCK_R=block_r, BLOCK_V=block_v), warps, 1)
             out.append({**info, "config": f"reverse={reverse} targets={targets}"})
-    stream_sig = dict(SH="*bf16", SW="*bf16", TH="*bf16", TW="*bf16", lam_ptr="*fp32", w_ptr="*fp32",
-                      tgt_ptr="*i64", cw_ptr="*fp32", stats_ptr="*fp32", distill_ptr="*fp32", ce_ptr="*fp32",
-                      coef_d_ptr="*fp32", coef_c_ptr="*fp32", DH="*fp32", DW="*fp32", N="i32", col_offset="i32",
+    stream_sig = dict(SH="*bf16", SW="*bf16", TH="*bf16", TW="*bf16", lam_ptr="*fp32", tgt_ptr="*i64",
+                      part_ptr="*fp32", stats_ptr="*fp32", coef_d_ptr="*fp32", coef_c_ptr="*fp32", DH="*fp32",
+                      DW="*fp32", N="i32", SPLIT_SHARED="i32", col_offset="i32",
                       stride_shn="i32", stride_shk="i32", stride_swv="i32", stride_swk="i32", stride_thn="i32",
                       stride_thk="i32", stride_twv="i32", stride_twk="i32", stride_dhn="i32", stride_dwv="i32",
-                      T="fp32", inv_T="fp32")
+                      inv_T="fp32")
+    vocab, d_s, d_t = 151936, 1024, 4096
     for dtype, elem in (("bf16", 2), ("fp32", 4)):
         sig = {k: ("*" + dtype if k in ("SH", "SW", "TH", "TW") else v) for k, v in stream_sig.items()}
         bm, bv, bk, warps, stages = tidal._stream_config(elem)
+        fwd_tiles, _ = tidal._stream_tiles(triton_cdiv(vocab, bv))
+        slab = tidal.stream_slab_rows(vocab, d_s, 4, bv)
+        bwd_tiles, splits = tidal._stream_tiles(triton_cdiv(slab, bv))
         for reverse in (False, True):
-            meta = dict(d_s=1024, d_t=4096, REVERSE=reverse, HAS_TARGETS=True, IEEE=dtype == "fp32",
+            meta = dict(d_s=d_s, d_t=d_t, REVERSE=reverse, HAS_TARGETS=True, IEEE=dtype == "fp32",
                         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
-            info = aot_compile(tidal._stream_fwd_kernel, sig, dict(meta, V=151936, V_s=151936), warps, stages)
+            info = aot_compile(tidal._stream_fwd_kernel, sig, dict(meta, V=vocab, V_s=vocab, TILES=fwd_tiles),
+                               warps, stages)
             out.append({**info, "config": f"{dtype} reverse={reverse}"})
-            info = aot_compile(tidal._stream_bwd_kernel, sig,
-                               dict(meta, V=16384, V_s=16384, NEED_DH=True, NEED_DW=True), warps, stages)
-            out.append({**info, "config": f"{dtype} reverse={reverse}"})
+            for shared in (True, False):
+                info = aot_compile(tidal._stream_bwd_kernel, sig,
+                                   dict(meta, V_SLAB=slab, SHARED=shared, NEED_DH=True, NEED_DW=True,
+                                        DH_ATOMIC=splits > 1, TILES=bwd_tiles), warps, stages)
+                out.append({**info, "config": f"{dtype} reverse={reverse} shared={shared}"})
     return out
 
 

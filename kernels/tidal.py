@@ -76,27 +76,29 @@ by torch: bit-for-bit reproducible.
 
 Strategy 2: streaming (impl="triton_stream", `_StreamDistill`), Cut-Cross-Entropy style
 ----------------------------------------------------------------------------------------
-    _stream_fwd_kernel, grid (cdiv(N, BLOCK_M),):
-        for each vocab tile [v0, v0 + BLOCK_V):
+    _stream_fwd_kernel, grid (cdiv(N, BLOCK_M), SPLITS ~ 16 vocabulary ranges [+ CE-only ranges]):
+        for each vocab tile [v0, v0 + BLOCK_V) of the program's range:
             s_tile = H_s[rows] @ W_s[tile].T  (tl.dot over d_s in BLOCK_K steps), u_tile likewise
-            update the 7 per-row scalars                     # tiles never leave the chip
-        write per row: lse(z), lse(target), KL, lse(s) and the two loss terms   -> O(N) memory
+            update the 8 per-row partials                    # tiles never leave the chip
+        write the partials [SPLITS, N, 8]; the launcher merges them (LSE merge, O(N SPLITS))
+        -> per row lse(z), lse(target), KL, lse(s) and the two loss terms   (O(N) memory)
     for each vocabulary slab [lo, hi) (fp32 [hi - lo, d_s] fits 64 MiB; cut at V):
-      _stream_bwd_kernel, grid (cdiv(N, BLOCK_M),), upstream gradients known now:
-        for each vocab tile of the slab:
+      _stream_bwd_kernel, grid (cdiv(N, BLOCK_M), ~16 ranges of the slab), upstream gradients known:
+        for each vocab tile of the program's range:
           recompute s_tile, u_tile; G = coef_d * dDistill + coef_c * dCE   [BLOCK_M, BLOCK_V]
           for each BLOCK_K slice of d_s:
-            dH[rows, k] += G @ W_s[tile, k]           (rows owned by this program: plain RMW)
+            dH[rows, k] += G @ W_s[tile, k]           (tl.atomic_add; plain RMW if one range)
             dW[tile, k] += G^T @ H_s[rows, k]         (tl.atomic_add, fp32)
       d student_weight[lo:hi] = dW (cast to the weight dtype)
+The vocabulary split keeps the GPU full at small N (16 programs per row block) and, with the
+row blocks as the fastest grid axis, the programs running together read the same weight tiles
+(L2 reuse). Tiles per program depend on V only: N never triggers a recompile.
 FLOPs: 2 N V (d_s + d_t) forward + 2 N V (d_s + d_t) recompute + 2 * 2 N V d_s gradients
 = 2 N V (4 d_s + 2 d_t) (1.71 F at d_s = 1024, d_t = 4096), for O(N) extra memory: the per-row
-statistics, the fp32 dH [N, d_s] and one 64 MiB fp32 dW slab, next to the returned gradients.
-HBM traffic: the weights are re-read once per row block (L2-friendly), no [N, V] bytes at all.
-Determinism: dW's fp32 atomics add the row blocks in no fixed order (last-bit differences
-between runs); dH is deterministic. Parallelism is one program per BLOCK_M rows (128 programs
-at N = 8192): fine for large N, under-filled for small N (a vocabulary split with an LSE merge,
-as CCE does, is the next step).
+statistics and partials, the fp32 dH [N, d_s] and one 64 MiB fp32 dW slab, next to the returned
+gradients. HBM traffic: no [N, V] bytes at all; the weights are streamed once per row block.
+Determinism: the fp32 atomics add row blocks / vocabulary ranges in no fixed order (last-bit
+differences between runs); the forward is deterministic.
 
 Block sizes: a fixed config per kernel, chosen for H100/H200 and checked for register spills
 by `python -m benchmarks.gpu_check --compile-only` (sm_90a, no GPU needed); small blocks under
@@ -423,9 +425,10 @@ def _logit_tile(H, W, rows, cols, row_ok, col_ok, K: tl.constexpr, stride_hn, st
 @triton.jit
 def _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s: tl.constexpr,
                         stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
-                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """dH[rows] += G @ W_s[cols] (rows owned by this program); dW[cols] += G^T @ H_s[rows] (atomics)."""
+                        NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, DH_ATOMIC: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dH[rows] += G @ W_s[cols] (plain read-modify-write when this program owns the rows, else
+    atomics); dW[cols] += G^T @ H_s[rows] (atomics: row blocks run in parallel)."""
     g = G.to(SW.dtype.element_ty)
     for k0 in range(0, d_s, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -436,7 +439,10 @@ def _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s: tl.c
             dh = _dot(g, w, tl.zeros((G.shape[0], BLOCK_K), G.dtype), IEEE)
             dh_ptrs = DH + rows[:, None] * stride_dhn + ks[None, :]
             dh_mask = row_ok[:, None] & k_ok[None, :]
-            tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
+            if DH_ATOMIC:
+                tl.atomic_add(dh_ptrs, dh, mask=dh_mask)
+            else:
+                tl.store(dh_ptrs, tl.load(dh_ptrs, mask=dh_mask, other=0.0) + dh, mask=dh_mask)
         if NEED_DW:
             h = tl.load(SH + rows[:, None] * stride_shn + ks[None, :] * stride_shk,
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)             # [BM, BK]
@@ -449,82 +455,82 @@ def _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s: tl.c
 @triton.jit
 def _stream_fwd_kernel(
         SH, SW, TH, TW,              # [N, d_s], [V_s, d_s], [N, d_t], [V_t, d_t]
-        lam_ptr, w_ptr, tgt_ptr, cw_ptr,   # [N]
-        stats_ptr,                   # [N, 4] out: lse(z), lse(target), KL, lse(s) (compute dtype)
-        distill_ptr, ce_ptr,         # [N] per-row losses out
-        N, V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
+        lam_ptr, tgt_ptr,            # [N] TIDAL lambda, target ids
+        part_ptr,                    # [SPLITS, N, 8] out: partial (m_z, l_z, m_x, l_x, acc, m_1, l_1, s_t)
+        N, SPLIT_SHARED,             # programs on axis 1 below SPLIT_SHARED sweep [0, V), the others [V, V_s)
+        V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
         stride_shn, stride_shk, stride_swv, stride_swk,
         stride_thn, stride_thk, stride_twv, stride_twk,
-        T, inv_T,
-        REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr,
+        inv_T,
+        REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, split) sweeps TILES vocabulary tiles and writes its 8 partial statistics
+    per row; the launcher merges the splits (an LSE merge, O(N * SPLITS))."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pid_v = tl.program_id(1)
     row_ok = rows < N
-    acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
+    acc_ty: tl.constexpr = part_ptr.dtype.element_ty
     lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
-    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
     neg_inf = tl.full((BLOCK_M,), float("-inf"), acc_ty)
     zero = tl.zeros((BLOCK_M,), acc_ty)
     m_z, l_z, m_x, l_x, acc = neg_inf, zero, neg_inf, zero, zero
     m_1, l_1, s_t = neg_inf, zero, zero
     if HAS_TARGETS:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0)
-        cw = tl.load(cw_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
 
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
-        col_ok = cols < V
-        s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
-                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv, stride_twk,
-                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        x = _target_logits(s, u, lam, inv_T, REVERSE)
-        valid = col_ok[None, :]
-        m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, valid, m_z, l_z, m_x, l_x, acc, REVERSE)
-        if HAS_TARGETS:
-            m_1, l_1 = _online_lse_update(s, valid, m_1, l_1)
-            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
-    if HAS_TARGETS:
-        for v0 in range(V, V_s, BLOCK_V):
-            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
-            col_ok = cols < V_s
+    if pid_v < SPLIT_SHARED:                                  # shared vocabulary: distillation (+ CE)
+        for i in range(0, TILES):
+            cols = ((pid_v * TILES + i) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)  # int64: cols * stride
+            col_ok = cols < V
             s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
                             stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-            m_1, l_1 = _online_lse_update(s, col_ok[None, :], m_1, l_1)
-            s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+            u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv,
+                            stride_twk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            x = _target_logits(s, u, lam, inv_T, REVERSE)
+            valid = col_ok[None, :]
+            m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, valid, m_z, l_z, m_x, l_x, acc, REVERSE)
+            if HAS_TARGETS:
+                m_1, l_1 = _online_lse_update(s, valid, m_1, l_1)
+                s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
+    else:                                                     # student-only columns: CE only
+        if HAS_TARGETS:
+            for i in range(0, TILES):
+                cols = (V + ((pid_v - SPLIT_SHARED) * TILES + i) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+                col_ok = cols < V_s
+                s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
+                                stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                m_1, l_1 = _online_lse_update(s, col_ok[None, :], m_1, l_1)
+                s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
 
-    lse_z = m_z + tl.log(l_z)
-    lse_x = m_x + tl.log(l_x)
-    if REVERSE:
-        kl = acc / l_z - lse_z + lse_x
-    else:
-        kl = acc / l_x - lse_x + lse_z
-    tl.store(distill_ptr + rows, T * T * w * kl, mask=row_ok)
-    tl.store(stats_ptr + rows * 4 + 0, lse_z, mask=row_ok)
-    tl.store(stats_ptr + rows * 4 + 1, lse_x, mask=row_ok)
-    tl.store(stats_ptr + rows * 4 + 2, kl, mask=row_ok)
-    if HAS_TARGETS:
-        lse_1 = m_1 + tl.log(l_1)
-        tl.store(ce_ptr + rows, cw * (lse_1 - s_t), mask=row_ok)
-        tl.store(stats_ptr + rows * 4 + 3, lse_1, mask=row_ok)
+    out = part_ptr + (pid_v * N + rows) * 8
+    tl.store(out + 0, m_z, mask=row_ok)
+    tl.store(out + 1, l_z, mask=row_ok)
+    tl.store(out + 2, m_x, mask=row_ok)
+    tl.store(out + 3, l_x, mask=row_ok)
+    tl.store(out + 4, acc, mask=row_ok)
+    tl.store(out + 5, m_1, mask=row_ok)
+    tl.store(out + 6, l_1, mask=row_ok)
+    tl.store(out + 7, s_t, mask=row_ok)
 
 
-@triton.heuristics({"HAS_TARGETS": lambda args: args["V_s"] > 0})
 @triton.jit
 def _stream_bwd_kernel(
-        SH, SW, TH, TW,              # [N, d_s], [V_s, d_s], [N, d_t], [V_t, d_t]
+        SH, SW, TH, TW,              # [N, d_s]; [V_slab, d_s] and [V_slab, d_t] from the slab's first row; [N, d_t]
         lam_ptr, tgt_ptr,            # [N]
-        stats_ptr,                   # [N, 4] from the forward
+        stats_ptr,                   # [N, 4] merged: lse(z), lse(target), KL, lse(s)
         coef_d_ptr, coef_c_ptr,      # [N] g_distill * scale * T * w, g_ce * scale * cw
-        DH, DW,                      # [N, d_s], [V_s, d_s] fp32/fp64 gradient accumulators
-        N, V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
-        col_offset,                  # first vocabulary column of this slab (SW, TW, DW start there)
+        DH, DW,                      # [N, d_s] fp32 accumulator, [V_slab, d_s] fp32 slab accumulator
+        N, col_offset,               # rows; first vocabulary column of the slab (for the target ids)
+        V_SLAB: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,
         stride_shn, stride_shk, stride_swv, stride_swk,
         stride_thn, stride_thk, stride_twv, stride_twk, stride_dhn, stride_dwv,
         inv_T,
+        SHARED: tl.constexpr,        # slab inside [0, V): distillation (+ CE); else CE only
         REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        DH_ATOMIC: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pid_v = tl.program_id(1)
     row_ok = rows < N
     acc_ty: tl.constexpr = stats_ptr.dtype.element_ty
     lam = tl.load(lam_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
@@ -537,31 +543,24 @@ def _stream_bwd_kernel(
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=0) - col_offset   # slab-local target column
         coef_c = tl.load(coef_c_ptr + rows, mask=row_ok, other=0.0).to(acc_ty)
 
-    for v0 in range(0, V, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
-        col_ok = cols < V
+    for i in range(0, TILES):
+        cols = ((pid_v * TILES + i) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)   # int64: cols * stride
+        col_ok = cols < V_SLAB
+        valid = row_ok[:, None] & col_ok[None, :]
         s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
                         acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv, stride_twk,
-                        acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-        valid = row_ok[:, None] & col_ok[None, :]
-        x = _target_logits(s, u, lam, inv_T, REVERSE)
-        G = _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d, valid, REVERSE)
-        if HAS_TARGETS:
-            G += _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
+        if SHARED:
+            u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv,
+                            stride_twk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            x = _target_logits(s, u, lam, inv_T, REVERSE)
+            G = _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d, valid, REVERSE)
+            if HAS_TARGETS:
+                G += _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
+        else:
+            G = _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
         _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s,
                             stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
-                            NEED_DH, NEED_DW, IEEE, BLOCK_K)
-    if HAS_TARGETS:
-        for v0 in range(V, V_s, BLOCK_V):
-            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)        # int64: cols * stride over V * d
-            col_ok = cols < V_s
-            s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
-                            stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-            G = _ce_grad_tile(s, cols, tgt, lse_1, coef_c, row_ok[:, None] & col_ok[None, :])
-            _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s,
-                                stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
-                                NEED_DH, NEED_DW, IEEE, BLOCK_K)
+                            NEED_DH, NEED_DW, DH_ATOMIC, IEEE, BLOCK_K)
 
 
 # =============================================================================================
@@ -744,6 +743,23 @@ def _stream_strides(sh, sw, th, tw):
             th.stride(0), th.stride(1), tw.stride(0), tw.stride(1))
 
 
+STREAM_SPLITS = 16   # vocabulary splits per row block: enough programs for 132 SMs at small N too
+
+
+def _stream_tiles(num_tiles: int) -> tuple[int, int]:
+    """(tiles per program, programs) covering num_tiles vocabulary tiles in about STREAM_SPLITS
+    programs; tiles per program depends on the vocabulary only, so N never triggers a recompile."""
+    tiles = triton.cdiv(max(num_tiles, 1), STREAM_SPLITS)
+    return tiles, triton.cdiv(num_tiles, tiles)
+
+
+def _merge_lse(m, l):
+    """Merge split log-sum-exp partials [S, N] (running max m, sum l): (max, sum, rescale [S, N])."""
+    top = m.max(0).values
+    rescale = torch.exp(m - top)                                   # splits that saw nothing: exp(-inf) = 0
+    return top, (l * rescale).sum(0), rescale
+
+
 class _StreamDistill(torch.autograd.Function):
     """Fully streaming: forward keeps 4 statistics per row; backward recomputes the logit tiles."""
 
@@ -760,19 +776,32 @@ class _StreamDistill(torch.autograd.Function):
         if th.dtype != sh.dtype:                 # one dot dtype inside the kernel
             th, tw = th.to(sh.dtype), tw.to(sh.dtype)
         lam, w, tgt, cw = _row_vectors(num_rows, row_lambda, row_weight, targets, ce_weight, compute, device)
-        stats = torch.zeros(num_rows, 4, dtype=compute, device=device)
-        distill_rows = torch.zeros(num_rows, dtype=compute, device=device)
-        ce_rows = torch.zeros(num_rows if params.has_targets else 0, dtype=compute, device=device)
-        ieee = sh.dtype in (torch.float32, torch.float64)
+        T = params.temperature
         bm, bv, bk, warps, stages = _stream_config(sh.element_size())
+        tiles, split_shared = _stream_tiles(triton.cdiv(V, bv))
+        split_ce = triton.cdiv(triton.cdiv(V_s - V, bv), tiles) if params.has_targets else 0
+        part = torch.empty(split_shared + split_ce, num_rows, 8, dtype=compute, device=device)
         if num_rows:
-            _stream_fwd_kernel[(triton.cdiv(num_rows, bm),)](
-                sh, sw, th, tw, lam, w, tgt, cw, stats, distill_rows,
-                ce_rows if params.has_targets else distill_rows,
-                num_rows, V, V_s if params.has_targets else 0, d_s, d_t, *_stream_strides(sh, sw, th, tw),
-                params.temperature, 1.0 / params.temperature,
-                REVERSE=params.reverse, IEEE=ieee, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-                num_warps=warps, num_stages=stages)
+            _stream_fwd_kernel[(triton.cdiv(num_rows, bm), split_shared + split_ce)](
+                sh, sw, th, tw, lam, tgt, part, num_rows, split_shared,
+                V, V_s if params.has_targets else 0, d_s, d_t, *_stream_strides(sh, sw, th, tw), 1.0 / T,
+                REVERSE=params.reverse, IEEE=sh.dtype in (torch.float32, torch.float64), TILES=tiles,
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        # Merge the splits (O(N * SPLITS) elementwise): KL = acc / l_a - lse(a) + lse(b), a the weighting side.
+        m_z, l_z, m_x, l_x, acc, m_1, l_1, s_t = part.unbind(-1)
+        top_z, sum_z, rescale_z = _merge_lse(m_z[:split_shared], l_z[:split_shared])
+        top_x, sum_x, rescale_x = _merge_lse(m_x[:split_shared], l_x[:split_shared])
+        lse_z, lse_x = top_z + torch.log(sum_z), top_x + torch.log(sum_x)
+        if params.reverse:
+            kl = (acc[:split_shared] * rescale_z).sum(0) / sum_z - lse_z + lse_x
+        else:
+            kl = (acc[:split_shared] * rescale_x).sum(0) / sum_x - lse_x + lse_z
+        distill_rows = T * T * w * kl
+        stats = torch.stack([lse_z, lse_x, kl, torch.zeros_like(kl)], dim=1)     # [N, 4]
+        if params.has_targets:
+            top_1, sum_1, _ = _merge_lse(m_1, l_1)
+            stats[:, 3] = top_1 + torch.log(sum_1)
+            ce_rows = cw * (stats[:, 3] - s_t.sum(0))
         ctx.params = params
         ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.save_for_backward(sh, sw, th, tw, lam, w, tgt, cw, stats)
@@ -808,14 +837,16 @@ class _StreamDistill(torch.autograd.Function):
             slabs += [(lo, min(lo + rows, width)) for lo in range(params.vocab, width, rows)]
             for lo, hi in slabs:
                 dw = torch.zeros(hi - lo, d_s, dtype=compute, device=sh.device) if need_dw else stats
-                in_shared = lo < params.vocab
-                _stream_bwd_kernel[(triton.cdiv(num_rows, bm),)](
-                    sh, sw[lo:], th, tw[lo:] if in_shared else tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
-                    num_rows, hi - lo if in_shared else 0, hi - lo if params.has_targets else 0, d_s, d_t, lo,
+                shared = lo < params.vocab
+                tiles, splits = _stream_tiles(triton.cdiv(hi - lo, bv))
+                _stream_bwd_kernel[(triton.cdiv(num_rows, bm), splits)](
+                    sh, sw[lo:], th, tw[lo:] if shared else tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
+                    num_rows, lo, hi - lo, d_s, d_t,
                     *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T,
-                    REVERSE=params.reverse, NEED_DH=need_dh, NEED_DW=need_dw,
-                    IEEE=sh.dtype in (torch.float32, torch.float64), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-                    num_warps=warps, num_stages=stages)
+                    SHARED=shared, REVERSE=params.reverse, HAS_TARGETS=params.has_targets,
+                    NEED_DH=need_dh, NEED_DW=need_dw, DH_ATOMIC=splits > 1,
+                    IEEE=sh.dtype in (torch.float32, torch.float64), TILES=tiles,
+                    BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 if need_dw:
                     dw_out[lo:hi] = dw
         return (dh.to(ctx.in_dtypes[0]) if need_dh else None, dw_out,
