@@ -31,5 +31,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "triton>=3.2"],
         "gpu": ["flash-attn"],
+        "bench": ["matplotlib"],
     },
 )
