@@ -129,7 +129,7 @@ def compare(strategy, *, num_rows=37, chunk_rows=5, dtype=torch.float64, rtol=1e
     dict(with_targets=False, shared=(283, 283, 283)),                   # TIDAL alone, V_s == V_t
     dict(reverse=True),                                                 # reverse KL + CE
     dict(reverse=True, with_targets=False, reduction="sum", shared=(301, 283, 283)),
-    dict(chunk_rows=40),               # one chunk for all rows; stream: 5 vocab splits per slab (dH atomics)
+    dict(chunk_rows=40, shared=(283, 301, 283)),   # one chunk; V_s == V < V_t; stream: dH atomics
 ], ids=["tidal_ce", "tidal_ce_sum", "tidal", "reverse_ce", "reverse_sum", "one_chunk"])
 def test_float64_matches_reference(strategy, case):
     compare(strategy, **case)
@@ -155,6 +155,25 @@ def test_one_output_unused(strategy):
     """Upstream gradient 0 for CE: only the distillation gradient must remain."""
     compare(strategy, num_rows=9, grad_outputs=(1.0, 0.0))
     compare(strategy, num_rows=9, grad_outputs=(0.0, 2.0), reverse=True)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_inputs(strategy):
+    """Transposed / strided views (tied embeddings, sliced hidden states) go in as they are."""
+    sh, sw, th, tw, t, targets, ce_weight = make_inputs(9)
+    lam, w = schedules.row_lambda(t, 0.2), schedules.timestep_weight(t)
+    views = (sh.repeat_interleave(2, 1)[:, ::2], sw.T.contiguous().T, th.T.contiguous().T,
+             tw.repeat_interleave(2, 1)[:, ::2])
+    assert not any(v.is_contiguous() for v in views)
+    kwargs = dict(temperature=2.0, shared_vocab=257, reverse=False, reduction="mean")
+    gos = (torch.tensor(1.0, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64))
+    got = run(lambda a, b, *o: tidal.fused_distill_loss(a, b, *o, **kwargs, stream=strategy == "stream",
+                                                        workspace_bytes=workspace_for(4, 301, 8)),
+              views + (lam, w, targets, ce_weight), gos, (True, True))
+    want = run(lambda a, b, *o: reference.distill_loss(a, b, *o, **kwargs),
+               (sh, sw, th, tw, lam, w, targets, ce_weight), gos, (True, True))
+    for g, r in zip(got[0] + got[1], want[0] + want[1]):
+        assert_close(g, r, 1e-9, "non-contiguous")
 
 
 # ----------------------------------------------------------------------------- lower precisions
