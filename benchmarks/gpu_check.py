@@ -15,11 +15,12 @@ ptxas that ships with Triton, no GPU needed, as a real launch would specialise t
 shared memory: compile errors that the interpreter cannot see show up here.
 
 Checks are pluggable: this file registers "tidal" (tide.kernels.tidal, both
-strategies); any module named in PLUGINS that imports cleanly contributes its own
-`CHECKS = {"name": fn}` (e.g. benchmarks/gpu_check_calm.py for token_logprob / calm),
-each `fn(ctx: Context)` using ctx.timed / ctx.check / ctx.table below, and optionally
-`COMPILE_CHECKS = {"name": fn()}` using `aot_compile`. `--only all` runs every
-registered check.
+strategies) and "calm" (token_logprob / calm / complementary_split, through
+benchmarks/gpu_check_calm.py's `run_calm_checks`); any module named in PLUGINS that
+imports cleanly contributes its own `CHECKS = {"name": fn}`, each `fn(ctx: Context)`
+using ctx.timed / ctx.check / ctx.table below, and optionally `COMPILE_CHECKS =
+{"name": fn()}` using `aot_compile`. `--only all` runs every registered check; on a
+15-minute device budget run `--only tidal` and `--only calm` as two calls.
 
 "tidal" does:
 1. correctness of impl="triton" and impl="triton_stream" against the chunked PyTorch
@@ -53,7 +54,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-PLUGINS = ("benchmarks.gpu_check_calm",)             # optional modules exposing CHECKS = {name: fn(ctx)}
+PLUGINS = ()             # optional further modules exposing CHECKS = {name: fn(ctx)} / COMPILE_CHECKS
 
 
 # --------------------------------------------------------------------------- harness
@@ -447,7 +448,29 @@ def compile_tidal() -> list[dict]:
     return out
 
 
-CHECKS = {"tidal": check_tidal}
+def check_calm(ctx: Context):
+    """token_logprob / calm / complementary_split: benchmarks/gpu_check_calm.py's run_calm_checks."""
+    try:
+        from benchmarks.gpu_check_calm import run_calm_checks
+    except ModuleNotFoundError as exc:
+        if exc.name != "benchmarks.gpu_check_calm":
+            raise
+        print("calm: benchmarks/gpu_check_calm.py is not present; skipped", flush=True)
+        return
+    print("calm: correctness and timing (benchmarks/gpu_check_calm.py)", flush=True)
+    result = run_calm_checks(str(ctx.device), quick=ctx.dry_run)
+    print(result["markdown"], flush=True)
+    for row in result["correctness"]:
+        ctx.table("calm correctness", row)
+        if not row.get("ok", False):
+            ctx.failures.append(f"calm {row}")
+    for row in result["timing"]:
+        ctx.table("calm timing", row)
+        if "error" in row:
+            ctx.failures.append(f"calm timing {row['error']}")
+
+
+CHECKS = {"tidal": check_tidal, "calm": check_calm}
 COMPILE_CHECKS = {"tidal": compile_tidal}
 
 

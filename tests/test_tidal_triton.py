@@ -15,16 +15,28 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-os.environ.setdefault("TRITON_INTERPRET", "1")      # before triton is imported
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-pytest.importorskip("triton")
+# Without a GPU the kernels are interpreted: triton decides that when a kernel is defined (the
+# import below) and the launchers read the variable again at each call (the fixture below). It is
+# put back as found in between: other modules check that impl="triton" on CPU is an error without it.
+_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+if _INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"
 
+pytest.importorskip("triton")
 import tide  # noqa: E402
 from tide import reference, schedules  # noqa: E402
 from tide.kernels import tidal  # noqa: E402
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+if _INTERPRET:
+    del os.environ["TRITON_INTERPRET"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 STRATEGIES = ("chunked", "stream")
 
 
