@@ -413,7 +413,7 @@ def compile_tidal() -> list[dict]:
             out.append({**info, "config": f"{a_ty}x{b_ty} acc={accumulate}"})
     rows_sig = dict(S="*fp32", U="*fp32", lam_ptr="*fp32", w_ptr="*fp32", tgt_ptr="*i64", cw_ptr="*fp32",
                     distill_ptr="*fp32", ce_ptr="*fp32", R="i32", stride_s="i32", stride_u="i32",
-                    T="fp32", inv_T="fp32", scale="fp32")
+                    T="fp32", inv_T="fp32")
     block_r, block_v, warps = tidal._row_kernel_config(151936)
     for reverse in (False, True):
         for targets in (False, True):

@@ -57,10 +57,10 @@ out, any strides so transposes are views); the logit gradient is rounded to the 
 for the tensor cores (as Liger and CCE do), accumulation is fp32. d student_hidden = S @ W_s has
 few output tiles and a reduction over the whole vocabulary, so it is split-K: each program
 reduces one K range into an fp32 partials buffer [SPLIT, c, d_s], summed afterwards.
-The gradients are computed in forward (Liger style) for unit upstream gradients, with the
-reduction's 1/N folded in, and kept as fp32 [N, d_s] and [V_s, d_s] per term; backward only
-scales and adds them (g_distill * G_distill + g_ce * G_ce), no sync. Without targets that is
-exactly F = 2 N V (3 d_s + d_t) FLOPs (logits once + two gradient GEMMs). With targets the two
+The gradients are computed in forward (Liger style) for unit upstream gradients and kept as
+fp32 [N, d_s] and [V_s, d_s] per term (the reduction's 1/N is applied in fp32 afterwards, never
+to the logit gradient that is rounded for the dot); backward only scales and adds them
+(g_distill * G_distill + g_ce * G_ce), no sync. Without targets that is exactly F = 2 N V (3 d_s + d_t) FLOPs (logits once + two gradient GEMMs). With targets the two
 terms' gradients must stay separate until backward knows both upstream gradients, so the two
 gradient GEMMs run once per term: 2 N V (5 d_s + d_t) FLOPs (1.29 F at d_s = 1024, d_t = 4096),
 still no logit recomputed. (The alternative, recomputing the logits in backward, costs
@@ -163,7 +163,7 @@ def _online_lse_update(s, valid, m, l):
 
 @triton.jit
 def _distill_grad_tile(z, x, lse_z, lse_x, kl, coef, valid, REVERSE: tl.constexpr):
-    """d(T^2 w KL)/ds on a tile, times coef = g * scale * T * w (see the module docstring):
+    """d(T^2 w KL)/ds on a tile, times coef = g * T * w (see the module docstring):
     forward coef * (p - r), reverse coef * p * (log p - log q - KL)."""
     p = tl.exp(z - lse_z[:, None])
     if REVERSE:
@@ -175,7 +175,7 @@ def _distill_grad_tile(z, x, lse_z, lse_x, kl, coef, valid, REVERSE: tl.constexp
 
 @triton.jit
 def _ce_grad_tile(s, cols, tgt, lse_1, coef, valid):
-    """d(cw * CE)/ds on a tile, times coef = g * scale * cw: coef * (softmax(s) - onehot(t))."""
+    """d(cw * CE)/ds on a tile, times coef = g * cw: coef * (softmax(s) - onehot(t))."""
     g = tl.exp(s - lse_1[:, None]) - tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
     return tl.where(valid, coef[:, None] * g, 0.0)
 
@@ -331,7 +331,7 @@ def _chunk_rows_kernel(
         distill_ptr, ce_ptr,         # [R] per-row losses out: T^2 w KL, cw CE
         R, V: tl.constexpr, V_s: tl.constexpr,   # rows, shared vocab, student vocab for CE (0: no targets)
         stride_s, stride_u,          # row strides of S and U
-        T, inv_T, scale,             # temperature, 1 / T, 1 / N ("mean") or 1 ("sum")
+        T, inv_T,                    # temperature, 1 / T
         REVERSE: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -381,7 +381,7 @@ def _chunk_rows_kernel(
 
     # ---- sweep 2: logit gradients for unit upstream gradients, written in place
     if NEED_GRAD:
-        coef_d = scale * T * w
+        coef_d = T * w                                        # the 1 / N of "mean" comes after the GEMMs
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             valid = row_ok[:, None] & (cols[None, :] < V)
@@ -391,15 +391,14 @@ def _chunk_rows_kernel(
             tl.store(s_row + cols[None, :], _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d,
                                                                 valid, REVERSE), mask=valid)
             if HAS_TARGETS:
-                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, scale * cw, valid),
-                         mask=valid)
+                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, cw, valid), mask=valid)
         if HAS_TARGETS:
             for v0 in range(V, V_s, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 valid = row_ok[:, None] & (cols[None, :] < V_s)
                 s = tl.load(s_row + cols[None, :], mask=valid, other=0.0)
                 tl.store(s_row + cols[None, :], tl.zeros((BLOCK_R, BLOCK_V), acc_ty), mask=valid)
-                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, scale * cw, valid),
+                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, cw, valid),
                          mask=valid)
 
 
@@ -518,7 +517,7 @@ def _stream_bwd_kernel(
         SH, SW, TH, TW,              # [N, d_s]; [V_slab, d_s] and [V_slab, d_t] from the slab's first row; [N, d_t]
         lam_ptr, tgt_ptr,            # [N]
         stats_ptr,                   # [N, 4] merged: lse(z), lse(target), KL, lse(s)
-        coef_d_ptr, coef_c_ptr,      # [N] g_distill * scale * T * w, g_ce * scale * cw
+        coef_d_ptr, coef_c_ptr,      # [N] g_distill * T * w, g_ce * cw (1 / N applied after)
         DH, DW,                      # [N, d_s] fp32 accumulator, [V_slab, d_s] fp32 slab accumulator
         N, col_offset,               # rows; first vocabulary column of the slab (for the target ids)
         V_SLAB: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,
@@ -690,7 +689,7 @@ class _ChunkedDistill(torch.autograd.Function):
                 S, U, lam[r0:], w[r0:], tgt[r0:], cw[r0:], distill_rows[r0:],
                 (ce_rows if params.has_targets else distill_rows)[r0:],
                 c, V, V_s if params.has_targets else 0, S.stride(0), U.stride(0),
-                T, 1.0 / T, scale,
+                T, 1.0 / T,
                 REVERSE=params.reverse, NEED_GRAD=need_grad, BLOCK_R=block_r, BLOCK_V=block_v,
                 num_warps=warps)
             if not need_grad:
@@ -706,6 +705,7 @@ class _ChunkedDistill(torch.autograd.Function):
         ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
         ctx.save_for_backward(*[g for g in grads_h + grads_w if g is not None])
         ctx.need = (need_dh, need_dw, n_terms)
+        ctx.num_rows = num_rows
         distill = distill_rows.sum() * scale
         if params.has_targets:
             return distill, ce_rows.sum() * scale
@@ -718,12 +718,14 @@ class _ChunkedDistill(torch.autograd.Function):
         grads_h = [saved.pop(0) for _ in range(n_terms)] if need_dh else None
         grads_w = [saved.pop(0) for _ in range(n_terms)] if need_dw else None
 
-        def combine(grads, dtype):                 # g_distill * G_distill (+ g_ce * G_ce), no sync
+        scale = ctx.params.scale(ctx.num_rows)
+
+        def combine(grads, dtype):                 # scale * (g_distill G_distill + g_ce G_ce), no sync
             if grads is None:
                 return None
-            out = grads[0] * grad_outputs[0].to(grads[0].dtype)
+            out = grads[0] * (grad_outputs[0].to(grads[0].dtype) * scale)
             for g, go in zip(grads[1:], grad_outputs[1:]):
-                out.addcmul_(g, go.to(g.dtype))         # in place: no third [V_s, d_s] buffer
+                out.addcmul_(g, go.to(g.dtype) * scale)  # in place: no third [V_s, d_s] buffer
             return out.to(dtype)
 
         return (combine(grads_h, ctx.in_dtypes[0]), combine(grads_w, ctx.in_dtypes[1]),
@@ -822,8 +824,10 @@ class _StreamDistill(torch.autograd.Function):
         compute = stats.dtype
         scale = params.scale(num_rows)
         T = params.temperature
-        coef_d = (grad_outputs[0].to(compute) * (scale * T)) * w               # [N], on device: no sync
-        coef_c = (grad_outputs[1].to(compute) * scale) * cw if params.has_targets else coef_d
+        # [N] on device, no sync; the 1 / N of "mean" is applied to the fp32 results, not to the logit
+        # gradient that is rounded to the weight dtype for the dot (fp16 would underflow at large N)
+        coef_d = (grad_outputs[0].to(compute) * T) * w
+        coef_c = grad_outputs[1].to(compute) * cw if params.has_targets else coef_d
         dh = torch.zeros(num_rows, d_s, dtype=compute, device=sh.device) if need_dh else stats
         dw_out = torch.zeros(V_s, d_s, dtype=ctx.in_dtypes[1], device=sh.device) if need_dw else None
         bm, bv, bk, warps, stages = _stream_config(sh.element_size())
@@ -848,8 +852,8 @@ class _StreamDistill(torch.autograd.Function):
                     IEEE=sh.dtype in (torch.float32, torch.float64), TILES=tiles,
                     BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 if need_dw:
-                    dw_out[lo:hi] = dw
-        return (dh.to(ctx.in_dtypes[0]) if need_dh else None, dw_out,
+                    dw_out[lo:hi] = dw * scale
+        return ((dh * scale).to(ctx.in_dtypes[0]) if need_dh else None, dw_out,
                 None, None, None, None, None, None, None)
 
 
