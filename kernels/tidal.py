@@ -574,6 +574,7 @@ class DistillParams:
     reduction: str
     has_targets: bool
     workspace_bytes: int | None = None
+    grad_enabled: bool = True  # torch.is_grad_enabled() at the call (needs_input_grad ignores no_grad)
 
     def scale(self, num_rows: int) -> float:
         return 1.0 / max(num_rows, 1) if self.reduction == "mean" else 1.0
@@ -658,7 +659,8 @@ class _ChunkedDistill(torch.autograd.Function):
         V = params.vocab
         V_s = student_weight.shape[0]
         width = V_s if params.has_targets else V                 # student logit columns needed
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh = ctx.needs_input_grad[0] and params.grad_enabled
+        need_dw = ctx.needs_input_grad[1] and params.grad_enabled
         need_grad = need_dh or need_dw
         sh, sw = _pair(student_hidden, student_weight, compute)
         th, tw = _pair(teacher_hidden, teacher_weight, compute)
@@ -866,7 +868,7 @@ def fused_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_w
     streaming kernels (impl="triton_stream"). workspace_bytes bounds the chunk workspace."""
     params = DistillParams(temperature=float(temperature), vocab=int(shared_vocab), reverse=bool(reverse),
                            reduction=reduction, has_targets=targets is not None,
-                           workspace_bytes=workspace_bytes)
+                           workspace_bytes=workspace_bytes, grad_enabled=torch.is_grad_enabled())
     fn = _StreamDistill if stream else _ChunkedDistill
     return fn.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
                     row_lambda, row_weight, targets, ce_weight, params)

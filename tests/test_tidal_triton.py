@@ -270,6 +270,23 @@ def test_never_allocates_n_by_v(strategy):
     assert mode.largest * 4 <= num_rows * vocab * 8, f"{mode.op} made a tensor of {mode.largest} bytes"
 
 
+def test_no_grad_skips_the_gradient_gemms(monkeypatch):
+    """Under torch.no_grad the chunked path computes the loss only (no gradient GEMM launched)."""
+    sh, sw, th, tw, t, targets, ce_weight = make_inputs(7)
+    sh.requires_grad_(True)
+    lam, w = schedules.row_lambda(t, 0.5), schedules.timestep_weight(t)
+    calls = []
+    real = tidal._matmul
+    monkeypatch.setattr(tidal, "_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = dict(temperature=2.0, shared_vocab=257, reverse=False, reduction="mean")
+    with torch.no_grad():
+        got = tidal.fused_distill_loss(sh, sw, th, tw, lam, w, targets, ce_weight, **kwargs)
+    assert len(calls) == 2                                  # the two logit GEMMs of the single chunk
+    want = reference.distill_loss(sh.detach(), sw, th, tw, lam, w, targets, ce_weight, **kwargs)
+    for g, r in zip(got, want):
+        assert_close(g, r, 1e-9, "no_grad loss")
+
+
 def test_workspace_rows_independent_of_n():
     budget = workspace_for(5, 300, 4)
     rows = {tidal.workspace_rows(n, 300, 4, torch.device("cpu"), budget) for n in (10, 1000, 10 ** 6)}
