@@ -1,32 +1,14 @@
 """Triton CALM / Reverse CALM / CALM+TIDAL (kernels/calm.py) against tide.reference,
 and calm_loss(impl="triton") end to end (token log-probs + chunk losses).
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 (set below before import)."""
-import os
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py before import)."""
 
 import pytest
 import torch
 
-# Without a GPU the kernels must be interpreted: triton decides that when a kernel is defined
-# (the imports below) and reads the variable again while it runs (the fixture below). It is
-# put back as found in between, because other test modules check that impl="triton" on CPU
-# is an error without it.
-_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+from tide import reference
+from tide.kernels.calm import CHUNK_PROB_EPS, fused_calm_from_token_logprobs
 
-from tide import reference  # noqa: E402
-from tide.kernels.calm import CHUNK_PROB_EPS, fused_calm_from_token_logprobs  # noqa: E402
-
-if _INTERPRET:
-    del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """The interpreter also reads TRITON_INTERPRET while kernels run: set it for each test here."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODES = ["reverse", "forward", "tidal"]

@@ -2,31 +2,13 @@
 (under TRITON_INTERPRET=1 without a GPU): disjoint, union, frequency, determinism per
 seed, chunk consistency, teacher pass ids, merge of the two passes, argument checks."""
 import math
-import os
 
 import pytest
 import torch
 
-# Without a GPU the kernels must be interpreted: triton decides that when a kernel is defined
-# (the imports below) and reads the variable again while it runs (the fixture below). It is
-# put back as found in between, because other test modules check that impl="triton" on CPU
-# is an error without it.
-_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+from tide import compdemo
+from tide.kernels import complementary_split as _split_kernels  # noqa: F401  (kernels defined before tests run)
 
-from tide import compdemo  # noqa: E402
-from tide.kernels import complementary_split as _split_kernels  # noqa: E402,F401  (defined interpreted)
-
-if _INTERPRET:
-    del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """The interpreter also reads TRITON_INTERPRET while kernels run: set it for each test here."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MASK_ID = 999

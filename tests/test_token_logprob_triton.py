@@ -1,34 +1,16 @@
 """Fused Triton token log-probabilities (kernels/token_logprob.py) against tide.reference.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 (set below before they are
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py before they are
 imported). float64: tight (relative 1e-9); float32: no worse than the eager float32
 reference's own error against float64, plus a small tolerance (STYLE.md, CCE)."""
-import os
 
 import pytest
 import torch
 
-# Without a GPU the kernels must be interpreted: triton decides that when a kernel is defined
-# (the imports below) and reads the variable again while it runs (the fixture below). It is
-# put back as found in between, because other test modules check that impl="triton" on CPU
-# is an error without it.
-_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
+from tide import reference
+from tide.kernels import token_logprob
+from tide.kernels.token_logprob import TokenLogprobConfig, fused_token_logprobs
 
-from tide import reference  # noqa: E402
-from tide.kernels import token_logprob  # noqa: E402
-from tide.kernels.token_logprob import TokenLogprobConfig, fused_token_logprobs  # noqa: E402
-
-if _INTERPRET:
-    del os.environ["TRITON_INTERPRET"]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    """The interpreter also reads TRITON_INTERPRET while kernels run: set it for each test here."""
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # small tiles so that a few dozen rows already cover several tiles, splits and groups
