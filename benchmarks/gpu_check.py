@@ -275,14 +275,28 @@ def tidal_benchmark(ctx: Context):
     print(f"  floor: F = {flops / 1e12:.2f} TFLOP in {floor_ms:.2f} ms ({flops / floor_ms / 1e9:.0f} TFLOP/s)",
           flush=True)
 
-    def impl_step(impl):
+    def impl_step(impl, env=None):
         def step():
-            distill, ce = tide.tidal_loss(sh, sw, th, tw, t, 0.37, targets=targets, impl=impl)
-            (distill + ce).backward()
+            saved = {k: os.environ.get(k) for k in (env or {})}
+            os.environ.update(env or {})
+            try:
+                distill, ce = tide.tidal_loss(sh, sw, th, tw, t, 0.37, targets=targets, impl=impl)
+                (distill + ce).backward()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             sh.grad = sw.grad = None
         return step
 
     steps = {impl: impl_step(impl) for impl in ("reference", "chunked", "triton", "triton_stream")}
+    # the memory / time trade of the chunk workspace (default budget: min(1 GiB, free / 4))
+    small = str(1 << 16) if ctx.dry_run else str(256 << 20)
+    steps["triton ws=256MiB"] = impl_step("triton", {"TIDE_WORKSPACE_BYTES": small})
+    if ctx.args.autotune:
+        steps["triton autotuned"] = impl_step("triton", {"TIDE_AUTOTUNE": "1"})
     liger, liger_note = _liger_step(sh, sw, th, tw, targets, 2.0) if ctx.device.type == "cuda" else (
         None, "CUDA only")
     if liger is not None:
@@ -531,6 +545,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--budget-s", dest="budget_s", type=float, default=420.0,
                    help="skip the remaining timings after this many seconds")
+    p.add_argument("--autotune", action="store_true",
+                   help="also time impl='triton' with TIDE_AUTOTUNE=1 (GEMM block sizes autotuned)")
     p.add_argument("--json", default=None, help="write machine info, tables and failures here")
     args = p.parse_args(argv)
     if args.device is None:

@@ -293,7 +293,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
     strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
     if os.environ.get("TIDE_AUTOTUNE") == "1" and not _interpreting():
         if _matmul_autotuned is None:
-            _matmul_autotuned = triton.autotune(_matmul_configs(), key=["M", "N", "K"])(_matmul_kernel)
+            # restore_value: tuning runs the kernel repeatedly, which must not accumulate into C
+            _matmul_autotuned = triton.autotune(_matmul_configs(), key=["M", "N", "K", "ACCUMULATE"],
+                                                restore_value=["C"])(_matmul_kernel)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
         _matmul_autotuned[grid](a, b, out, M, N, K, *strides, 0, out.stride(0), out.stride(1),
                                 K_SPLIT=triton.cdiv(K, 64) * 64, ACCUMULATE=accumulate, IEEE=ieee)
