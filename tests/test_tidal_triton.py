@@ -2,7 +2,7 @@
 
 Ground truth: tide.reference.distill_loss (eager, autograd) in float64, where the
 interpreter runs tl.dot in float64 too, so the kernels must agree to ~1e-9 relative.
-Plus one float32 and one bf16 case against the float32 reference with dtype-sized
+Plus float32, bf16 and fp16 cases against the float32 reference with dtype-sized
 tolerances, the public functions (every option) against impl="reference", and a
 check that no tensor of [N, V] size is ever created by the Triton paths.
 
@@ -15,28 +15,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Without a GPU the kernels are interpreted: triton decides that when a kernel is defined (the
-# import below) and the launchers read the variable again at each call (the fixture below). It is
-# put back as found in between: other modules check that impl="triton" on CPU is an error without it.
-_INTERPRET = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if _INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-
+# Without a GPU the kernels run under TRITON_INTERPRET=1, set in conftest.py before any import.
 pytest.importorskip("triton")
 import tide  # noqa: E402
 from tide import reference, schedules  # noqa: E402
 from tide.kernels import tidal  # noqa: E402
 
-if _INTERPRET:
-    del os.environ["TRITON_INTERPRET"]
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _interpreter(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 STRATEGIES = ("chunked", "stream")
 
 
