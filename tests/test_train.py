@@ -166,6 +166,11 @@ def test_resume_after_sigkill_is_bit_exact(assets, tmp_path):
         assert torch.equal(full[name], resumed[name]), name
     assert sorted(os.listdir(tmp_path / "cut")) == ["checkpoint-6", "checkpoint-8", "metrics.jsonl"]
 
+    def trajectory(name):  # every logged number except the wall-clock speed
+        with open(tmp_path / name / "metrics.jsonl") as fh:
+            return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in fh]
+    assert trajectory("cut") == trajectory("full")
+
 
 def test_ddp_two_processes_match_one(assets, tmp_path):
     kw = {"method": "tidal", "compdemo": "true", "teacher": assets["mdlm"], "data": assets["data"],

@@ -112,23 +112,25 @@ class StudentLoss(nn.Module):
         ce_scale = n_rows / batch["student_maskable"].sum().clamp(min=1)
         h_rows, targets = hidden[masked], ids[masked]
         common = dict(temperature=cfg.temperature, impl=cfg.impl)
-        zero = hidden.new_zeros((), dtype=torch.float32)
 
-        if cfg.method == "ce":
-            ce = -(ce_w * losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)).sum() / n_rows.clamp(min=1)
-            distill = zero
-        elif cfg.pipeline == "shared":  # token-level, CE fused into the same vocabulary pass
-            s_h, t_h = h_rows, t_hidden[masked]
+        if cfg.method != "ce" and cfg.pipeline == "shared":  # token-level, CE in the same vocabulary pass
             fused = dict(targets=targets, ce_weight=ce_w, shared_vocab=self.shared_vocab, **common)
+            t_rows = t_hidden[masked]
             if cfg.method == "tidal":
-                distill, ce = losses.tidal_loss(s_h, weight, t_h, t_weight, row_t, progress, **self.tidal_options, **fused)
+                distill, ce = losses.tidal_loss(h_rows, weight, t_rows, t_weight, row_t, progress,
+                                                **self.tidal_options, **fused)
             else:
-                distill, ce = losses.kl_loss(s_h, weight, t_h, t_weight, reverse=cfg.method == "reverse_kl", **fused)
-        else:
-            ce = -(ce_w * losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)).sum() / n_rows.clamp(min=1)
-            distill = self.pair_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress, common) \
-                if cfg.pipeline == "aligned" else \
-                self.chunk_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress, common)
+                distill, ce = losses.kl_loss(h_rows, weight, t_rows, t_weight, reverse=cfg.method == "reverse_kl",
+                                             **fused)
+        else:  # CE alone, or next to a loss on other rows (aligned pairs, chunks)
+            logp = losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)
+            ce = -(ce_w * logp).sum() / n_rows.clamp(min=1)
+            if cfg.method == "ce":
+                distill = torch.zeros_like(ce)
+            elif cfg.pipeline == "aligned":
+                distill = self.pair_loss(hidden, weight, t_hidden, t_weight, noise, progress, common)
+            else:
+                distill = self.chunk_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress)
         ce = ce * ce_scale
         loss = cfg.ce_weight * ce + cfg.distill_weight * distill
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "distill": distill.detach()}
@@ -139,7 +141,7 @@ class StudentLoss(nn.Module):
         return dict(lambda_init=cfg.lambda_init, lambda_max=cfg.lambda_max, schedule=cfg.lambda_schedule,
                     axis=cfg.lambda_axis, timestep_weight=cfg.timestep_weight)
 
-    def pair_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress, common):
+    def pair_loss(self, hidden, weight, t_hidden, t_weight, noise, progress, common):
         """Aligned mode: token-level losses at aligned masked positions only."""
         rows, s_pos, t_pos = noise["pair_rows"], noise["pair_student"], noise["pair_teacher"]
         s_h, t_h = hidden[rows, s_pos], t_hidden[rows, t_pos]
@@ -149,7 +151,7 @@ class StudentLoss(nn.Module):
         return losses.kl_loss(s_h, weight, t_h, t_weight, reverse=self.cfg.method == "reverse_kl",
                               shared_vocab=self.shared_vocab, **common)
 
-    def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress, common):
+    def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress):
         """Cross-tokenizer pipeline: (Reverse) CALM / CALM+TIDAL on chunk log-likelihoods."""
         cfg = self.cfg
         s_chunk, t_chunk, num_chunks = batch["student_chunk_ids"], batch["teacher_chunk_ids"], batch["num_chunks"]
@@ -330,7 +332,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- the loop
     os.makedirs(cfg.output_dir, exist_ok=True)
-    metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if master else None
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if master and resume_from and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
+        with open(metrics_path) as fh:
+            kept = [line for line in fh if json.loads(line)["step"] <= step]
+        with open(metrics_path, "w") as fh:
+            fh.writelines(kept)
+    metrics = open(metrics_path, "a") if master else None
     bar = None
     if master and cfg.progress_bar:
         from tqdm import tqdm
@@ -380,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": step, "loss": parts[0].item(), "ce": parts[1].item(), "distill": parts[2].item(),
                       "lr": lr, "lambda": schedules.lambda_train(progress, cfg.lambda_init, cfg.lambda_max,
                                                                   cfg.lambda_schedule) if cfg.method in ("tidal", "calm_tidal") else None,
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                      "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+                      if grad_norm is not None else None,
                       "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
             last_time, last_step = now, step
             history.append(record)
@@ -400,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     if distributed:
         dist.destroy_process_group()
     return {"history": history, "checkpoint": last_saved or (checkpoints(cfg.output_dir) or [None])[-1],
-            "metrics": os.path.join(cfg.output_dir, "metrics.jsonl")}
+            "metrics": metrics_path}
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -488,6 +497,9 @@ def check_pair(cfg: Config, student, teacher, tokenizers) -> None:
                 f"tokenizer for the student (--student-tokenizer {cfg.teacher_tokenizer or cfg.teacher})")
     if teacher.mask_token_id >= teacher.vocab_size:
         raise SystemExit(f"teacher mask token id {teacher.mask_token_id} is outside its vocabulary")
+    if teacher.kind == "bd3lm" and teacher_length(cfg) % teacher.block_size:
+        raise SystemExit(f"the BD3LM teacher's block size {teacher.block_size} must divide the teacher length "
+                         f"{teacher_length(cfg)}: change --teacher-seq-len (or --seq-len)")
 
 
 if __name__ == "__main__":
