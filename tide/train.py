@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> dict:
     if len(dataset) < cfg.batch_size * world:
         raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
                          f"({cfg.batch_size} x {world}): add data or lower --batch-size")
-    lengths = {"student": cfg.seq_len, "teacher": teacher_length(cfg)}
 
     def micro_batch(index: int) -> dict:
         """Global micro-batch `index`; this rank takes its slice of it."""
@@ -286,15 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         start = (position * world + rank) * cfg.batch_size
         batch = collate([dataset[int(i)] for i in order[start:start + cfg.batch_size]])
-        for side, pad_id in (("student", collate.student_pad_id), ("teacher", collate.teacher_pad_id)):
-            pad = lengths[side] - batch[f"{side}_input_ids"].shape[1]  # fixed shapes: masks stay cached
-            for key, value in ((f"{side}_input_ids", pad_id), (f"{side}_attention_mask", 0),
-                               (f"{side}_maskable", False), (f"{side}_chunk_ids", -1)):
-                batch[key] = nn.functional.pad(batch[key], (0, pad), value=value)
-            if batch[f"{side}_attention_mask"].all():  # checked on the CPU: no padding, no padding mask
-                del batch[f"{side}_attention_mask"]
-        batch["num_chunks"] = int(batch["num_chunks"])
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return to_device(fixed_length(batch, cfg, collate), device)
 
     # ---- wrap for DDP / FSDP2; the optimizer
     objective = StudentLoss(student, cfg, teacher.vocab_size if teacher is not None else None)
@@ -338,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
             kept = [line for line in fh if json.loads(line)["step"] <= step]
         with open(metrics_path, "w") as fh:
             fh.writelines(kept)
-    metrics = open(metrics_path, "a") if master else None
+    metrics = open(metrics_path, "a" if resume_from else "w") if master else None
     bar = None
     if master and cfg.progress_bar:
         from tqdm import tqdm
@@ -421,6 +412,25 @@ def with_mask_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or MASK_TOKEN
     return tokenizer
+
+
+def fixed_length(batch: dict, cfg: Config, collate) -> dict:
+    """Pad a collated batch to exactly seq_len / teacher length, so the attention masks stay cached;
+    drop an attention mask that has no padding (checked on the CPU, before the copy to the device)."""
+    for side, length, pad_id in (("student", cfg.seq_len, collate.student_pad_id),
+                                 ("teacher", teacher_length(cfg), collate.teacher_pad_id)):
+        pad = length - batch[f"{side}_input_ids"].shape[1]
+        for key, value in ((f"{side}_input_ids", pad_id), (f"{side}_attention_mask", 0),
+                           (f"{side}_maskable", False), (f"{side}_chunk_ids", -1)):
+            batch[key] = nn.functional.pad(batch[key], (0, pad), value=value)
+        if batch[f"{side}_attention_mask"].all():
+            del batch[f"{side}_attention_mask"]
+    batch["num_chunks"] = int(batch["num_chunks"])
+    return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def teacher_length(cfg: Config) -> int:
