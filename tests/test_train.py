@@ -1,6 +1,6 @@
 """The trainer end to end on tiny models: every method for one step in each pipeline,
-config errors before training, bit-exact resume after SIGKILL, DDP (gloo, 2 CPU
-processes) against one process with the same global batch."""
+config errors before training, bit-exact resume after SIGKILL, DDP and FSDP2 (gloo,
+2 CPU processes) against one process with the same global batch."""
 import json
 import os
 import subprocess
@@ -172,14 +172,16 @@ def test_resume_after_sigkill_is_bit_exact(assets, tmp_path):
     assert trajectory("cut") == trajectory("full")
 
 
-def test_ddp_two_processes_match_one(assets, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(assets, tmp_path, parallel):
+    """DDP, and FSDP2 (fully_shard on CPU/gloo), against one process with grad accumulation."""
     kw = {"method": "tidal", "compdemo": "true", "teacher": assets["mdlm"], "data": assets["data"],
           "student-tokenizer": assets["tok_teacher"], "max-steps": 4, "batch-size": 2, "save-interval": 100}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = tiny(tmp_path / "one", **kw) + ["--grad-accum", "2"]
     subprocess.run([sys.executable, "-m", "tide.train"] + single, check=True, env=env, capture_output=True)
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tide.train"] + tiny(tmp_path / "two", **kw)
+           "-m", "tide.train"] + tiny(tmp_path / "two", **kw) + ["--parallel", parallel]
     out = subprocess.run(ddp, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -191,5 +193,6 @@ def test_ddp_two_processes_match_one(assets, tmp_path):
     assert torch.allclose(torch.tensor(one), torch.tensor(two), rtol=1e-4, atol=1e-5), (one, two)
     a = load_file(tmp_path / "one" / "checkpoint-4" / "model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoint-4" / "model.safetensors")
+    assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name

@@ -196,6 +196,8 @@ def save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, ra
         model_state = get_model_state_dict(wrapped, options=options)
         prefix = "student.decoder."
         model_state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
+        if getattr(student.config, "tie_word_embeddings", False):  # saved once, as the embedding
+            model_state.pop("lm_head.weight", None)
         optim_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
     else:
         model_state, optim_state = None, optimizer.state_dict()
@@ -212,7 +214,7 @@ def save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, ra
     if rank == 0:
         student.save_pretrained(tmp, state_dict=model_state) if model_state is not None else student.save_pretrained(tmp)
         tokenizers["student"].save_pretrained(tmp)
-        if tokenizers.get("teacher") is not None and tokenizers["teacher"] is not tokenizers["student"]:
+        if tokenizers.get("teacher") is not None and cfg.pipeline != "shared":
             tokenizers["teacher"].save_pretrained(os.path.join(tmp, "teacher_tokenizer"))
         torch.save({"step": step, "optimizer": optim_state, "config": dataclasses.asdict(cfg)},
                    os.path.join(tmp, "trainer_state.pt"))
