@@ -196,3 +196,19 @@ def test_two_processes_match_one(assets, tmp_path, parallel):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_student_from_a_plain_causal_lm(assets, tmp_path):
+    """`--student DIR` with a plain Hugging Face causal LM (no tide fields): becomes a BD3LM."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(assets["tok_teacher"])
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(build_config("qwen3", len(tok), 32, 1, 2))
+    plain.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    result = main(tiny(tmp_path / "run", method="tidal", teacher=assets["mdlm"], data=assets["data"],
+                       student=tmp_path / "plain"))
+    config = json.loads((tmp_path / "run" / "checkpoint-1" / "config.json").read_text())
+    assert (config["tide_kind"], config["block_size"]) == ("bd3lm", 8)
+    assert config["mask_token_id"] == tok.convert_tokens_to_ids("<|mask|>")
+    assert result["history"][0]["distill"] > 0

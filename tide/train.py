@@ -216,8 +216,12 @@ def save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, ra
         tokenizers["student"].save_pretrained(tmp)
         if tokenizers.get("teacher") is not None and cfg.pipeline != "shared":
             tokenizers["teacher"].save_pretrained(os.path.join(tmp, "teacher_tokenizer"))
-        torch.save({"step": step, "optimizer": optim_state, "config": dataclasses.asdict(cfg)},
-                   os.path.join(tmp, "trainer_state.pt"))
+        # the LR schedule is a function of the step; data order and masks are functions of the seed and
+        # the global micro-batch index, so (step, batch geometry) is the whole data position
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        position = {"micro_batches": step * cfg.grad_accum, "batch_size": cfg.batch_size, "world_size": world}
+        torch.save({"step": step, "data_position": position, "optimizer": optim_state,
+                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
@@ -309,6 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
         step = state["step"]
+        position = state["data_position"]
+        if (position["batch_size"], position["world_size"]) != (cfg.batch_size, world):
+            raise SystemExit(f"--resume: {resume_from} was written with --batch-size {position['batch_size']} on "
+                             f"{position['world_size']} process(es); resume with the same geometry "
+                             f"(now {cfg.batch_size} on {world}) to continue the same data order")
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
