@@ -11,6 +11,12 @@ merged on hidden states) under no_grad, gather the masked rows, and call the
 fused loss on (hidden, LM-head weight) pairs: no [batch, length, V] logits are
 ever materialised. Checkpoints are Hugging Face directories plus trainer state;
 `--resume` continues bit-exactly on CPU.
+
+Normalisation: CE is token-normalised (divided by the maskable tokens) within each
+micro-batch; gradient accumulation and DDP/FSDP average the micro-batch losses.
+Data order and masks are functions of (seed, global micro-batch index), so N
+processes x 1 micro-batch and 1 process x N accumulated micro-batches see the
+same batches and masks.
 """
 from __future__ import annotations
 
