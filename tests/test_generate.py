@@ -48,3 +48,13 @@ def test_cli(tmp_path, capsys):
     text = main(["--checkpoint", str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "8",
                  "--device", "cpu"])
     assert capsys.readouterr().out.startswith("def f(x):") and isinstance(text, str)
+
+
+def test_block_kv_cache_matches_full_rerun():
+    model = tiny(block=4)
+    for prompt, new, steps in (([3, 4, 5, 6, 7], 11, None), ([3, 4, 5, 6], 8, 2), ([9], 6, 1)):
+        plain = generate(model, prompt, new, steps=steps, cache=False)
+        cached = generate(model, prompt, new, steps=steps, cache=True)
+        assert cached == plain, (prompt, plain, cached)
+    llama = build_model("bd3lm", build_config("llama", 60, 32, 2, 2), block_size=4, mask_token_id=59).eval()
+    assert generate(llama, [1, 2], 10, cache=True) == generate(llama, [1, 2], 10, cache=False)
