@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=0, help="denoising steps per block (0 = one per token)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence at every step")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     from transformers import AutoTokenizer
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> str:
     prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     new_ids = generate(model, prompt_ids, args.max_new_tokens, steps=args.steps or None,
-                       temperature=args.temperature, eos_token_id=tokenizer.eos_token_id, generator=generator)
+                       temperature=args.temperature, eos_token_id=tokenizer.eos_token_id, generator=generator,
+                       cache=not args.no_cache)
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     print(args.prompt + text)
     return text
