@@ -212,3 +212,17 @@ def test_student_from_a_plain_causal_lm(assets, tmp_path):
     assert (config["tide_kind"], config["block_size"]) == ("bd3lm", 8)
     assert config["mask_token_id"] == tok.convert_tokens_to_ids("<|mask|>")
     assert result["history"][0]["distill"] > 0
+
+
+def test_demo_pipeline_runs(tmp_path, monkeypatch, capsys):
+    """The no-argument demo, shortened to a few steps: every stage runs and reports."""
+    import tide.demo as demo
+    monkeypatch.setattr(demo, "TEACHER_STEPS", 3)
+    monkeypatch.setattr(demo, "STUDENT_STEPS", 3)
+    monkeypatch.setattr(demo, "TEXT_CHARS", 20_000)
+    monkeypatch.setattr(demo, "EVAL_BATCHES", 1)
+    result = demo.run_demo(str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "on fixed batches" in printed and "checkpoint:" in printed
+    assert os.path.exists(os.path.join(result["student"]["checkpoint"], "model.safetensors"))
+    assert all(v > 0 for v in result["fixed_batch_distill"])

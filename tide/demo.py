@@ -25,6 +25,7 @@ STUDENT_STEPS = int(os.environ.get("TIDE_DEMO_STUDENT_STEPS", 300))
 METHOD = os.environ.get("TIDE_DEMO_METHOD", "calm_tidal")
 TEXT_CHARS = int(os.environ.get("TIDE_DEMO_CHARS", 60_000))
 TEACHER_LR = os.environ.get("TIDE_DEMO_TEACHER_LR", "5e-3")
+EVAL_BATCHES = 8  # fixed batches for the before/after distillation loss
 
 
 def stdlib_text(max_chars: int = 400_000) -> list[str]:
@@ -88,8 +89,7 @@ def fixed_batch_distill(checkpoint: str | None, args: list[str], batches: int = 
         batch = fixed_length(collate([dataset[j] for j in rows]), cfg, collate)
         gen = seeded_generator(12345, i, "cpu")
         noise = noise_batch(batch, cfg, gen)
-        ids = batch["teacher_input_ids"]
-        hidden = teacher_hidden(teacher, ids, noise["teacher_masked"], noise, batch, cfg, gen)
+        hidden = teacher_hidden(teacher, batch, noise, cfg, gen)
         total += float(objective(batch, noise, hidden, teacher.lm_head_weight, progress)[1]["distill"])
     return total / batches
 
@@ -142,7 +142,8 @@ def run_demo(out: str = DEMO_DIR) -> dict:
     student = main(student_args)
     d0, d1 = first_last(student["metrics"], "distill")
     c0, c1 = first_last(student["metrics"], "ce")
-    f0, f1 = fixed_batch_distill(None, student_args), fixed_batch_distill(student["checkpoint"], student_args)
+    f0 = fixed_batch_distill(None, student_args, EVAL_BATCHES)
+    f1 = fixed_batch_distill(student["checkpoint"], student_args, EVAL_BATCHES)
     print(f"[demo] distillation loss ({METHOD}) on fixed batches/masks/lambda: {f0:.4f} before -> {f1:.4f} after")
     print(f"[demo] training log (first -> last 3 logged steps): distill {d0:.4f} -> {d1:.4f} "
           f"(its target moves with the lambda schedule), CE {c0:.3f} -> {c1:.3f}")

@@ -79,9 +79,9 @@ def noise_batch(batch: dict, cfg: Config, gen: torch.Generator) -> dict:
 
 
 @torch.no_grad()
-def teacher_hidden(teacher, ids, masked, noise, batch, cfg: Config, gen) -> torch.Tensor:
+def teacher_hidden(teacher, batch: dict, noise: dict, cfg: Config, gen) -> torch.Tensor:
     """Teacher final hidden states `[b, l_t, d_t]`: one pass on x_t, or CompDemo's two merged."""
-    attention = batch.get("teacher_attention_mask")
+    ids, masked, attention = batch["teacher_input_ids"], noise["teacher_masked"], batch.get("teacher_attention_mask")
     if not cfg.compdemo:
         x_t = torch.where(masked, teacher.mask_token_id, ids)
         return teacher(x_t, ids, attention)
@@ -368,11 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
             noise = noise_batch(batch, cfg, gen)
             t_hidden = t_weight = None
             with autocast:
-                if teacher is not None:
-                    t_ids = batch["student_input_ids"] if cfg.pipeline == "shared" else batch["teacher_input_ids"]
-                    if cfg.pipeline == "shared":
-                        batch.setdefault("teacher_attention_mask", batch.get("student_attention_mask"))
-                    t_hidden = teacher_hidden(teacher, t_ids, noise["teacher_masked"], noise, batch, cfg, gen)
+                if teacher is not None:  # (shared pipeline: tide.data's teacher fields copy the student's)
+                    t_hidden = teacher_hidden(teacher, batch, noise, cfg, gen)
                     t_weight = teacher.lm_head_weight
                 last = micro == cfg.grad_accum - 1  # sync gradients only on the last micro-step
                 if fsdp:
