@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = None
     if cfg.needs_teacher:
         teacher = load_model(cfg.teacher, kind=cfg.teacher_kind or None, device=device,
-                             dtype=torch.bfloat16 if use_bf16 else None).eval().requires_grad_(False)
+                             dtype=torch.bfloat16 if use_bf16 else None,  # flash-attn 2 needs bf16
+                             attn_implementation=None if use_bf16 else "sdpa").eval().requires_grad_(False)
     student = make_student(cfg, tokenizers["student"], resume_from, device)
     check_pair(cfg, student, teacher, tokenizers)
 
