@@ -99,3 +99,22 @@ def test_save_load_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x, x), model(x, x))
     assert model.lm_head_weight.shape == (50, 32)
+
+
+def test_flex_block_mask_equals_sdpa():
+    """The CUDA path (flex attention + cached BlockMask) computes what the SDPA mask does;
+    flex attention also runs on CPU, so this is checked here."""
+    torch.manual_seed(0)
+    sdpa = build_model("bd3lm", build_config("qwen3", 50, 32, 1, 2), block_size=4, mask_token_id=49,
+                       attn_implementation="sdpa").eval()
+    flex = build_model("bd3lm", build_config("qwen3", 50, 32, 1, 2), block_size=4, mask_token_id=49,
+                       attn_implementation="flex_attention").eval()
+    flex.load_state_dict(sdpa.state_dict())
+    mask = flex.attention_mask(16, torch.device("cpu"))
+    assert type(mask).__name__ == "BlockMask" and mask is flex.attention_mask(16, torch.device("cpu"))
+    x, y = torch.randint(0, 49, (2, 16)), torch.randint(0, 49, (2, 16))
+    pad = torch.ones(2, 16, dtype=torch.long)
+    pad[:, 13:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(flex(x, y), sdpa(x, y))
+        torch.testing.assert_close(flex(x, y, pad)[:, :13], sdpa(x, y, pad)[:, :13])
