@@ -9,7 +9,7 @@ rows), so memory is independent of N.
 Distillation (TIDAL / forward KL / reverse KL, + CE), per block of rows:
 
     s = student_hidden[rows] @ student_weight.T          [R, V_s]   (compute dtype)
-    u = teacher_hidden[rows] @ teacher_weight.T          [R, V_t]   (no autograd)
+    u = teacher_hidden[rows] @ teacher_weight[:V].T      [R, V]     (no autograd; V = shared_vocab)
     loss rows and d loss / d s                           [R, V_s]
     d student_hidden[rows]  = (d loss / d s) @ student_weight
     d student_weight       += (d loss / d s).T @ student_hidden[rows]
@@ -63,39 +63,56 @@ class DistillParams:
     has_targets: bool
 
 
-def _distill_block(s, u, row_lambda, row_weight, targets, ce_weight, params, scale):
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-softmax in place (one [R, V] buffer fewer than torch.log_softmax)."""
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[i, j] * b[i, j] per row `[R]`, without an [R, V] product buffer."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
+def _distill_block(hidden, teacher_block, weight, teacher_weight, row_lambda, row_weight, targets,
+                   ce_weight, params, scale):
     """Loss sums and d loss / d s for one block of rows.
 
-    s `[R, V_s]`, u `[R, V_t]` (compute dtype). Returns (distill_sum, ce_sum,
-    grad_distill `[R, V_s]`, grad_ce `[R, V_s]` or None), gradients already
-    multiplied by `scale` (1/N for "mean").
+    hidden `[R, d_s]`, teacher_block `[R, d_t]`, weight `[V_s, d_s]`, teacher_weight
+    `[V_t, d_t]` (compute dtype). Returns (distill_sum, ce_sum, grad_distill `[R, V_s]`,
+    grad_ce `[R, V_s]` or None), gradients already multiplied by `scale` (1/N for "mean").
+    At most four `[R, V]` buffers are alive at once; each is reused in place.
     """
     T = params.temperature
     V = params.shared_vocab
-    log_p = torch.log_softmax(s[:, :V] / T, dim=-1)                  # student at T [R, V]
-    p = torch.exp(log_p)
+    s = hidden @ weight.T                                            # student logits [R, V_s]
+    u = teacher_block @ teacher_weight[:V].T                         # teacher logits [R, V]
+    log_p = _log_softmax_(s[:, :V] / T)                              # student at T
     row_weight = row_weight.to(s.dtype)
     if params.reverse:
-        diff = log_p.sub_(torch.log_softmax(u[:, :V] / T, dim=-1))   # log p - log q, in place
-        kl = (p * diff).sum(-1)                                       # KL(p || q) [R]
+        log_q = _log_softmax_(u.div_(T))                             # teacher at T, in u's buffer
+        p = torch.exp(log_p)
+        diff = log_p.sub_(log_q)                                     # log p - log q
+        del u, log_q
+        kl = _row_dot(p, diff)                                       # KL(p || q) [R]
         grad = diff.sub_(kl[:, None]).mul_(p)                        # p (log p - log q - KL)
+        del p
     else:
-        # mixture ((1 - lam) s + lam u) / T = (s + lam (u - s)) / T, built in one buffer
-        mixture = (u[:, :V] - s[:, :V]).mul_(row_lambda.to(s.dtype)[:, None]).add_(s[:, :V]).div_(T)
-        log_r = torch.log_softmax(mixture, dim=-1)
-        del mixture
+        # mixture ((1 - lam) s + lam u) / T = (s + lam (u - s)) / T, in u's buffer
+        lam = row_lambda.to(s.dtype)[:, None]
+        log_r = _log_softmax_(u.sub_(s[:, :V]).mul_(lam).add_(s[:, :V]).div_(T))
+        del u
         r = torch.exp(log_r)
-        kl = (r * log_r.sub_(log_p)).sum(-1)                         # KL(r || p) [R]
+        kl = _row_dot(r, log_r.sub_(log_p))                          # KL(r || p) [R]
         del log_r
-        grad = p.sub_(r)                                             # p - r, in place
-    del log_p
+        grad = log_p.exp_().sub_(r)                                  # p - r, in log_p's buffer
+        del r
     distill_sum = T * T * (row_weight * kl).sum()
     grad.mul_((T * scale) * row_weight[:, None])
     if s.shape[1] > V:                                               # logits outside the shared prefix
         grad = torch.nn.functional.pad(grad, (0, s.shape[1] - V))
     if not params.has_targets:
         return distill_sum, None, grad, None
-    log_p1 = torch.log_softmax(s, dim=-1)                            # student at T = 1, full V_s
+    log_p1 = _log_softmax_(s)                                        # student at T = 1, full V_s, in s
     ce_rows = -log_p1.gather(1, targets[:, None]).squeeze(1)         # [R]
     ce_coef = ce_weight.to(s.dtype) if ce_weight is not None else torch.ones_like(ce_rows)
     grad_ce = log_p1.exp_()                                          # softmax(s) - onehot, in place
@@ -126,13 +143,11 @@ class _DistillFunction(torch.autograd.Function):
             for start in range(0, num_rows, block):
                 rows = slice(start, min(start + block, num_rows))
                 hidden = student_hidden[rows].to(dtype)              # [R, d_s]
-                s = hidden @ weight_c.T                               # [R, V_s]
-                u = teacher_hidden[rows].to(dtype) @ teacher_weight_c.T   # [R, V_t]
                 results = _distill_block(
-                    s, u, row_lambda[rows], row_weight[rows],
+                    hidden, teacher_hidden[rows].to(dtype), weight_c, teacher_weight_c,
+                    row_lambda[rows], row_weight[rows],
                     targets[rows] if targets is not None else None,
                     ce_weight[rows] if ce_weight is not None else None, params, scale)
-                del s, u
                 for term in range(terms):
                     sums[term] += results[term]
                     grad_logits = results[2 + term]                  # [R, V_s]
