@@ -13,7 +13,7 @@ import inspect
 import os
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .bd3lm import BD3LM, bd3lm_allowed, bd3lm_block_mask, bd3lm_sdpa_mask
