@@ -252,7 +252,7 @@ def test_block_rows_bounded_by_budget(monkeypatch):
     assert chunked.block_rows_for(1000, torch.float32, 5) == 5
     monkeypatch.delenv("TIDE_CHUNK_BYTES")
     assert chunked.block_rows_for(10 ** 9, torch.float32, 10_000) == chunked.MIN_BLOCK_ROWS
-    assert chunked.block_rows_for(32768, torch.float32, 10_000) == 32
+    assert chunked.block_rows_for(32768, torch.float32, 10_000) == 64
 
 
 def test_chunked_never_allocates_n_by_v(monkeypatch):
