@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from allocations import LargestTensor
 
 import tide
 from tide import reference
@@ -146,25 +147,13 @@ def test_calm_gradcheck(impl):
 
 def test_segment_sums_do_not_build_dense_alignment(monkeypatch):
     """Chunk sums go through index_add by chunk id: no [N, num_chunks] tensor is created."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     num_chunks = 500
     data = make_chunks(num_student=300, num_teacher=280, num_chunks=num_chunks, seed=1)
-    shapes = []
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(o, torch.Tensor):
-                    shapes.append(o.numel())
-            return out
-
     logprobs_s = torch.randn(300, dtype=torch.float64, requires_grad=True)
     logprobs_t = torch.randn(280, dtype=torch.float64)
-    with Track():
+    with LargestTensor() as mode:
         loss = reference.calm_from_token_logprobs(logprobs_s, data["student_chunk"], logprobs_t,
                                                   data["teacher_chunk"], num_chunks=num_chunks, reverse=True,
                                                   temperature=2.0, reduction="mean")
         loss.backward()
-    assert max(shapes) <= max(num_chunks, 300)
+    assert mode.largest_numel <= max(num_chunks, 300)

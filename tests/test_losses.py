@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from allocations import LargestTensor
 
 import tide
 from tide import chunked
@@ -261,24 +262,12 @@ def test_block_rows_bounded_by_budget(monkeypatch):
 
 def test_chunked_never_allocates_n_by_v(monkeypatch):
     """Every tensor made during the chunked forward+backward is smaller than [N, V]."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     num_rows, vocab = 200, 301
     inputs = make_inputs(num_rows, student_vocab=vocab, teacher_vocab=vocab, dtype=torch.float32, seed=6)
     monkeypatch.setenv("TIDE_CHUNK_BYTES", str(4 * vocab * 8))
-    largest = []
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(o, torch.Tensor):
-                    largest.append(o.numel())
-            return out
-
     student_hidden, student_weight = (t.clone().requires_grad_(True) for t in inputs[:2])
-    with Track():
+    with LargestTensor() as mode:
         distill, ce = tide.tidal_loss(student_hidden, student_weight, *inputs[2:5], 0.5, targets=inputs[5],
                                       impl="chunked")
         (distill + ce).backward()
-    assert max(largest) < num_rows * vocab // 4
+    assert mode.largest_numel < num_rows * vocab // 4

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from allocations import LargestTensor
 
 # Without a GPU the kernels run under TRITON_INTERPRET=1, set in conftest.py before any import.
 pytest.importorskip("triton")
@@ -221,23 +221,6 @@ def test_public_functions_every_option(impl, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- no [N, V] tensor
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest byte size of every tensor an op returns (allocations, views, copies;
-    the interpreter's host copies of kernel arguments show up as uint8 storages)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.op = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.largest:
-                self.largest, self.op = x.numel() * x.element_size(), str(func)
-        return out
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_never_allocates_n_by_v(strategy):
     """Every tensor created in forward and backward stays far below N * V float64 (here N V / 4)."""
@@ -246,7 +229,7 @@ def test_never_allocates_n_by_v(strategy):
     sh.requires_grad_(True)
     sw.requires_grad_(True)
     lam, w = schedules.row_lambda(t, 0.5), schedules.timestep_weight(t)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         distill, ce = tidal.fused_distill_loss(
             sh, sw, th, tw, lam, w, targets, ce_weight, temperature=2.0, shared_vocab=vocab, reverse=False,
             reduction="mean", stream=(strategy == "stream"), workspace_bytes=workspace_for(5, vocab, 8))
