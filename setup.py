@@ -13,9 +13,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tide", "tide.models", "tide.kernels", "benchmarks"],
-    package_dir={"tide": "tide", "tide.models": "tide/models",
-                 "tide.kernels": "kernels", "benchmarks": "benchmarks"},
+    # `benchmarks/` is run from the repository root (`python -m benchmarks.run`), never
+    # installed: a top-level module with such a generic name would shadow others.
+    packages=["tide", "tide.models", "tide.kernels"],
+    package_dir={"tide": "tide", "tide.models": "tide/models", "tide.kernels": "kernels"},
     # torch is not pinned here: install the build that fits your machine first
     # (README). Nothing below is heavy.
     install_requires=[
