@@ -48,11 +48,12 @@ import datetime  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+
+from benchmarks.timing import time_step  # noqa: E402
 
 PLUGINS = ()             # optional further modules exposing CHECKS = {name: fn(ctx)} / COMPILE_CHECKS
 
@@ -89,32 +90,10 @@ class Context:
 
     def timed(self, step, repeats: int | None = None, warmup: int = 1) -> dict:
         """Median / 20% / 80% milliseconds of `step()` and its peak extra memory (MB, CUDA only)."""
-        repeats = repeats or self.args.repeats
-        for _ in range(warmup):
-            step()
-        self.sync()
-        peak_mb = float("nan")
-        if self.device.type == "cuda":
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            step()
-            self.sync()
-            peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
-        times = []
-        for _ in range(repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
-        return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3], "peak_mb": peak_mb}
+        result = time_step(step, self.device, repeats or self.args.repeats, warmup)
+        if result["peak_mb"] is None:
+            result["peak_mb"] = float("nan")              # the tables print n/a
+        return result
 
 
 def machine_info(device: torch.device) -> dict:

@@ -32,51 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
+
+from benchmarks.timing import time_step
 
 
 # --------------------------------------------------------------------------- helpers
-def _sync(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats, warmup=1):
-    """Median and 20 / 80 % quantiles in ms, and the peak memory (MB) above what was allocated before."""
-    import torch
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    peak_mb = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    quantile = lambda q: times[min(len(times) - 1, int(q * len(times)))]   # noqa: E731
-    return dict(ms=statistics.median(times), ms_p20=quantile(0.2), ms_p80=quantile(0.8), peak_mb=peak_mb)
-
-
 def _rel(x, ref):
     if ref.numel() == 0:
         return 0.0
@@ -271,7 +233,7 @@ def _timing(device, quick):
 
     def record(case, impl, fn, flops=None):
         try:
-            row = dict(case=case, impl=impl, **_time(fn, device, repeats))
+            row = dict(case=case, impl=impl, **time_step(fn, device, repeats))
             if flops:
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         except Exception as error:

@@ -19,14 +19,13 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from benchmarks.cases import CASES, SHAPES, peer_available
+from benchmarks.timing import time_step
 
 
 def _current_rss_mb() -> float:
@@ -63,40 +62,11 @@ def measure(case_name: str, impl: str, size: str, device: str, dtype_name: str, 
     cuda = device == "cuda"
     step = case.setup(shape, torch.device(device), dtype)(impl)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _current_rss_mb()
-    step()                                                     # warm-up (compiles kernels)
-    sync()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    if cuda:
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    times.sort()
-    quantile = lambda q: times[min(len(times) - 1, int(q * len(times)))]   # noqa: E731
-    median = statistics.median(times)
-    return dict(case=case_name, impl=impl, ms=median * 1e3, ms_p20=quantile(0.2) * 1e3,
-                ms_p80=quantile(0.8) * 1e3, peak_mb=peak_mb, tflops=case.flops(shape) / median / 1e12)
+    base_rss = None if cuda else _current_rss_mb()
+    timing = time_step(step, torch.device(device), repeats)          # warm-up (compiles kernels), then timed
+    if not cuda:                                                     # own process: peak resident memory
+        timing["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    return dict(case=case_name, impl=impl, **timing, tflops=case.flops(shape) / timing["ms"] / 1e9)
 
 
 def impls_for(case, device: str) -> list:
