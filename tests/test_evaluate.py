@@ -1,0 +1,229 @@
+"""tide.evaluate: the ELBO in bits per byte against answers known in closed form, the exact
+NELBO by enumeration of every mask, determinism, the CLI and bad input."""
+import copy
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tide.evaluate import elbo, load_checkpoint, main
+from tide.models import BD3LM, MDLM, build_config, build_model
+from tokenizers_for_tests import byte_bpe, training_text
+
+MASK = "<|mask|>"
+TEXTS = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i * i)\n",
+         "class Point:\n    x: int = 0\n    y: int = 0\n", "import os\nprint(os.getcwd())\n"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    tokenizer = copy.deepcopy(byte_bpe())
+    tokenizer.add_special_tokens({"additional_special_tokens": [MASK]})
+    tokenizer.mask_token = MASK
+    return tokenizer
+
+
+def tiny(tok, kind="bd3lm", block=8, seed=0, layers=1):
+    torch.manual_seed(seed)
+    config = build_config("qwen3", len(tok), 32, layers, 2, max_position_embeddings=256)
+    return build_model(kind, config, block_size=block, mask_token_id=tok.convert_tokens_to_ids(MASK)).eval()
+
+
+def n_tokens(tok, texts):
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+class Oracle(nn.Module):
+    """A duck-typed tide model with a known answer: hidden = `scale * one_hot(source)` and an
+    identity LM head, so the logit of `source`'s token is `scale`, every other logit 0.
+    source "x_0": all mass on the true token; "x_t": at masked positions all mass on the mask."""
+
+    def __init__(self, vocab, mask_token_id, source, kind="bd3lm", block_size=8, scale=40.0):
+        super().__init__()
+        self.kind, self.block_size, self.mask_token_id = kind, block_size if kind == "bd3lm" else None, mask_token_id
+        self.source, self.scale = source, scale
+        self.head = nn.Parameter(torch.eye(vocab), requires_grad=False)
+        self.config = type("Config", (), {"max_position_embeddings": 256})()
+
+    @property
+    def lm_head_weight(self):
+        return self.head
+
+    def forward(self, x_t, x_0=None, attention_mask=None):
+        ids = x_0 if self.source == "x_0" else x_t
+        return self.scale * nn.functional.one_hot(ids, self.head.shape[0]).float()
+
+
+@pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
+def test_uniform_logits_give_log2_vocab_per_token(tok, kind):
+    model = tiny(tok, kind)
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().weight.zero_()      # every logit 0: uniform over V
+    result = elbo(model, TEXTS, tokenizer=tok, samples=3, seed=1, progress=False)
+    tokens, nbytes = n_tokens(tok, TEXTS), sum(len(t.encode()) for t in TEXTS)
+    assert (result.tokens, result.bytes) == (tokens, nbytes)
+    assert result.bits_per_byte == pytest.approx(math.log2(model.vocab_size) * tokens / nbytes, rel=1e-6)
+    assert result.bits_per_token == pytest.approx(math.log2(model.vocab_size), rel=1e-6)
+    assert result.perplexity_bound == pytest.approx(model.vocab_size, rel=1e-5)
+    assert result.bits_per_byte_se == pytest.approx(0.0, abs=1e-6)
+
+
+def test_all_mass_on_the_true_token_gives_zero(tok):
+    oracle = Oracle(len(tok), tok.convert_tokens_to_ids(MASK), "x_0")
+    result = elbo(oracle, TEXTS, tokenizer=tok, samples=4, progress=False)
+    assert result.bits_per_byte < 1e-9 and result.tokens == n_tokens(tok, TEXTS)
+
+
+def test_masked_inputs_are_hidden_and_weights_sum_to_the_tokens(tok):
+    # predicts its input: sure of the mask token at a masked position, so -log p(true) = 40 nats
+    # (+ a e^-40 term) at each masked token; the weights L_b / n make every mask count exactly once
+    oracle = Oracle(len(tok), tok.convert_tokens_to_ids(MASK), "x_t", block_size=4)
+    result = elbo(oracle, TEXTS, tokenizer=tok, samples=5, progress=False)
+    assert result.nats_per_token == pytest.approx(40.0, rel=1e-6)
+    assert result.bits_per_byte_se == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bd3lm_with_one_block_equals_mdlm_on_the_same_weights(tok):
+    bd3lm = tiny(tok, "bd3lm", block=32, layers=2)
+    mdlm = MDLM(copy.deepcopy(bd3lm.decoder), bd3lm.mask_token_id).eval()
+    texts = [t[:150] for t in training_text()[1:6]]
+    a = elbo(bd3lm, texts, tokenizer=tok, samples=4, seed=3, seq_len=32, progress=False)
+    b = elbo(mdlm, texts, tokenizer=tok, samples=4, seed=3, seq_len=32, progress=False)
+    assert a.windows == b.windows > len(texts)                  # long texts were cut into windows
+    assert a.bits_per_byte == pytest.approx(b.bits_per_byte, rel=1e-5)
+    assert a.bits_per_byte_se == pytest.approx(b.bits_per_byte_se, rel=1e-4)
+
+
+def exact_nelbo(model, ids, block, pad_id):
+    """Sum over blocks of sum_{n=1..L_b} (1/n) mean_{|M|=n} sum_{i in M} -log p(x_i | x_M): every mask
+    (BD3LM: padded to whole blocks, padding hidden from attention)."""
+    padded = -(-len(ids) // block) * block if model.kind == "bd3lm" else len(ids)
+    x_0 = torch.tensor([ids + [pad_id] * (padded - len(ids))])
+    attention = (torch.arange(padded) < len(ids)).long()[None] if padded > len(ids) else None
+    total = 0.0
+    for start in range(0, len(ids), block):
+        positions = list(range(start, min(start + block, len(ids))))
+        for n in range(1, len(positions) + 1):
+            subsets = list(itertools.combinations(positions, n))
+            for subset in subsets:
+                x_t = x_0.clone()
+                x_t[0, list(subset)] = model.mask_token_id
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(x_t, x_0, attention)[0].double() @ model.lm_head_weight.double().T, -1)
+                total -= sum(float(logp[i, ids[i]]) for i in subset) / n / len(subsets)
+    return total
+
+
+@pytest.mark.parametrize("kind,block", [("mdlm", None), ("bd3lm", 3)])
+def test_estimate_is_unbiased_against_every_mask(tok, kind, block):
+    model = tiny(tok, kind, block=block or 8, layers=2)
+    text = "x = 1 + 2"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert 5 <= len(ids) <= 8
+    exact = exact_nelbo(model, ids, block or len(ids), tok.pad_token_id)
+    seq_len = -(-len(ids) // block) * block if block else None
+    result = elbo(model, [text], tokenizer=tok, samples=400, seed=0, batch_size=100, seq_len=seq_len,
+                  progress=False)
+    nats, se = result.bits_per_byte * math.log(2) * result.bytes, result.bits_per_byte_se * math.log(2) * result.bytes
+    assert 0 < se < 0.05 * exact
+    assert abs(nats - exact) < 4 * se, (nats, exact, se)
+
+
+def test_standard_error_shrinks_like_one_over_sqrt_samples(tok):
+    model = tiny(tok, "bd3lm", block=8)
+    texts = [t[:400] for t in training_text()[1:9]]
+    few = elbo(model, texts, tokenizer=tok, samples=2, seed=0, batch_size=32, seq_len=32, progress=False)
+    many = elbo(model, texts, tokenizer=tok, samples=32, seed=0, batch_size=32, seq_len=32, progress=False)
+    assert few.windows >= 40
+    ratio = few.bits_per_byte_se / many.bits_per_byte_se
+    assert 2.5 < ratio < 6.5, ratio                              # sqrt(32 / 2) = 4
+    assert abs(few.bits_per_byte - many.bits_per_byte) < 4 * few.bits_per_byte_se
+    assert math.isnan(elbo(model, texts[:1], tokenizer=tok, samples=1, progress=False).bits_per_byte_se)
+
+
+def test_deterministic_in_the_seed_not_the_batch_size(tok):
+    model = tiny(tok, "bd3lm", block=8)
+    a = elbo(model, TEXTS, tokenizer=tok, samples=3, seed=7, batch_size=2, progress=False)
+    b = elbo(model, TEXTS, tokenizer=tok, samples=3, seed=7, batch_size=5, progress=False)
+    c = elbo(model, TEXTS, tokenizer=tok, samples=3, seed=8, batch_size=5, progress=False)
+    assert a.bits_per_byte == pytest.approx(b.bits_per_byte, rel=1e-6)
+    assert a.bits_per_byte != c.bits_per_byte
+
+
+def test_chat_jsonl_scores_assistant_content_only(tok, tmp_path):
+    model = tiny(tok, "bd3lm", block=8)
+    rows = [{"messages": [{"role": "user", "content": "What is two plus two?"},
+                          {"role": "assistant", "content": "Two plus two is four."}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello! How can I help?"}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = elbo(model, str(path), tokenizer=tok, samples=2, progress=False)
+    assert result.bytes == len("Two plus two is four.") + len("Hello! How can I help?")
+    assert 0 < result.tokens < sum(n_tokens(tok, [m["content"] for m in r["messages"]]) for r in rows)
+    listed = elbo(model, [r["messages"] for r in rows], tokenizer=tok, samples=2, progress=False)
+    assert listed.bits_per_byte == pytest.approx(result.bits_per_byte, rel=1e-6)
+
+
+def test_cli_on_a_saved_checkpoint_writes_json(tok, tmp_path, capsys):
+    model = tiny(tok, "bd3lm", block=8)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    torch.save({"step": 1, "config": {"seq_len": 16}}, tmp_path / "ckpt" / "trainer_state.pt")  # as tide.train
+    (tmp_path / "data").mkdir()
+    for i, text in enumerate(TEXTS):
+        (tmp_path / "data" / f"{i}.py").write_text(text)
+    out = main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--samples", "2",
+                "--json", str(tmp_path / "r.json"), "--device", "cpu", "--quiet"])
+    assert "bits/byte" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(out)) and saved["kind"] == "bd3lm"
+    assert saved["elbo"]["seq_len"] == 16                          # the training --seq-len by default
+    direct = elbo(model, TEXTS, tokenizer=tok, samples=2, seq_len=16, progress=False)
+    assert saved["elbo"]["bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-5)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded, BD3LM) and loaded.block_size == 8 and not loaded.training
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_checkpoints(tok, tmp_path):
+    with pytest.raises(ValueError, match="not a local directory"):
+        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a local directory"):
+        load_checkpoint("Qwen/Qwen3-0.6B")                           # never a hub lookup
+    plain = tiny(tok, "bd3lm").decoder                              # a plain HF causal LM
+    plain.config.tide_kind = None
+    plain.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a tide model"):
+        load_checkpoint(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_checkpoint(tmp_path)
+
+
+def test_bad_arguments_and_data(tok, tmp_path):
+    model = tiny(tok, "bd3lm", block=8)
+    with pytest.raises(ValueError, match="samples"):
+        elbo(model, TEXTS, tokenizer=tok, samples=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        elbo(model, TEXTS, tokenizer=tok, batch_size=0)
+    with pytest.raises(ValueError, match="seq_len must be a multiple"):
+        elbo(model, TEXTS, tokenizer=tok, seq_len=12)
+    with pytest.raises(ValueError, match="does not exist"):
+        elbo(model, str(tmp_path / "nope.txt"), tokenizer=tok)
+    with pytest.raises(ValueError, match="data is empty"):
+        elbo(model, [], tokenizer=tok)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no text"):
+        elbo(model, str(tmp_path / "empty"), tokenizer=tok)
+    with pytest.raises(ValueError, match="shorter than one block"):
+        elbo(model, ["ab"], tokenizer=tok)
+    with pytest.raises(TypeError, match="model must be a tide"):
+        elbo(model.decoder, TEXTS, tokenizer=tok)
+    for argv, message in ((["--samples", "0"], "--samples must be >= 1"),
+                          (["--checkpoint", str(tmp_path / "missing")], "not a local directory")):
+        full = ["--checkpoint", str(tmp_path), "--data", str(tmp_path)] + argv
+        with pytest.raises(SystemExit):
+            main(full)

@@ -1,0 +1,356 @@
+"""Held-out evaluation of tide diffusion LMs: the diffusion ELBO in bits per byte, with error bars.
+
+    python -m tide.evaluate --checkpoint out/demo/student/checkpoint-300 --data held_out/ --samples 8
+    result = elbo(model, ["some text", ...], tokenizer=tok, samples=8, seed=0)   # -> Result
+
+Bits per UTF-8 byte of the original text compare models with different tokenizers on
+the same footing; per token and as a perplexity bound it compares models that share one.
+
+The estimate (SPEC.md: linear schedule, mask ratio t, weight 1/t). For one sequence of
+L maskable tokens the MDLM negative ELBO is
+`NELBO = int_0^1 (1/t) E[ sum over masked i of -log p(x_i | x_t) ] dt`. Conditioning on
+the number n of masked tokens (Binomial(L, t)) and integrating t out gives exactly
+`NELBO = E_{n ~ U{1..L}} [ (L/n) E_{|M|=n} sum_{i in M} -log p(x_i | x_M) ]`: n masked
+tokens drawn uniformly without replacement, weight L/n (the form LLaDA evaluates with).
+No t-floor (eps) is needed and the weight never exceeds L.
+BD3LM: the block-diffusion NELBO is the sum over blocks of the same quantity for each
+block, its masked positions conditioned on the clean earlier blocks; one forward pass on
+`[x_t, x_0]` (the training layout) scores every block at once, each block with its own n.
+MDLM is the case of one block spanning the sequence.
+
+Variance reduction and determinism: each text window gets `samples` (K) masks; per block,
+the K mask counts are stratified (`n = floor(L * (j + u) / K) + 1` for the strata j = 0..K-1
+in a random order, u ~ U[0, 1)), so every sample count spreads the counts evenly over
+1..L. All draws for window w come from a CPU generator seeded by (seed, w): the result
+does not depend on the batch size or the device. The reported standard error is the Monte
+Carlo error of the mean over the K masks, sum over windows of the per-window sample
+variance / K (conservative under stratification; needs K >= 2, NaN for K = 1).
+
+Masked rows go through the fused `tide.token_logprobs` (hidden states and LM-head weight,
+no `[batch, length, V]` logits), under `torch.no_grad`, in bf16 autocast on CUDA.
+
+Data: a text file, a folder of .txt/.md/.py files (`tide.data.load_texts`), a chat JSON/JSONL
+file with a `messages` column (`tide.data.load_chat_dataset`; only assistant content is
+scored, conditioned on the rest), or in Python a list of texts / conversations. Long texts
+are cut into windows of `seq_len` tokens (each scored independently); bytes count the UTF-8
+bytes of the scored text (the whole text; assistant contents as rendered for chat).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from tide.losses import token_logprobs
+
+__all__ = ["Result", "elbo", "load_checkpoint", "load_records", "trained_seq_len", "main"]
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+DEFAULT_MAX_SEQ_LEN = 1024
+
+
+@dataclasses.dataclass
+class Result:
+    """An ELBO estimate over a data set (totals over every scored token)."""
+    bits_per_byte: float          # negative ELBO in bits / UTF-8 bytes of the scored text
+    bits_per_byte_se: float       # its Monte Carlo standard error (NaN when samples == 1)
+    bits_per_token: float
+    bits_per_token_se: float
+    nats_per_token: float
+    perplexity_bound: float       # exp(nats_per_token): an upper bound on the perplexity
+    tokens: int                   # scored (maskable) tokens
+    bytes: int                    # UTF-8 bytes of the scored text
+    windows: int                  # sequences of at most seq_len tokens that were scored
+    seq_len: int                  # window length in tokens
+    samples: int                  # masks per window (K)
+    seed: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.bits_per_byte:.4f} ± {self.bits_per_byte_se:.4f} bits/byte, "
+                f"{self.bits_per_token:.4f} ± {self.bits_per_token_se:.4f} bits/token, perplexity <= "
+                f"{self.perplexity_bound:.3f} ({self.tokens} tokens, {self.bytes} bytes, {self.windows} windows of "
+                f"<= {self.seq_len} tokens, {self.samples} samples, seed {self.seed})")
+
+
+# --------------------------------------------------------------------------- loading
+def load_checkpoint(path, *, device="cpu", dtype=None):
+    """A tide checkpoint directory (what `tide.train` writes: student or teacher, BD3LM or
+    MDLM) -> `(model in eval mode, tokenizer)`. Only local directories: a path that does not
+    exist is an error, never a hub lookup. `dtype`: default bf16 on CUDA, float32 otherwise."""
+    from transformers import AutoTokenizer
+
+    from tide.models import load_model
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is not a local directory (a missing path is never looked up "
+                         "on the Hugging Face hub)")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"checkpoint {path!r} has no config.json: not a model directory")
+    with open(config_path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    if config.get("tide_kind") not in ("bd3lm", "mdlm") or config.get("mask_token_id") is None:
+        raise ValueError(f"checkpoint {path!r} is not a tide model: its config.json lacks tide_kind "
+                         f"('bd3lm' or 'mdlm') and mask_token_id (got tide_kind={config.get('tide_kind')!r}); "
+                         "evaluate a directory written by tide.train or DiffusionLM.save_pretrained")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(path, device=device, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def trained_seq_len(path) -> int | None:
+    """The `seq_len` a `tide.train` checkpoint was trained with (its trainer_state.pt), else None.
+    Memory-mapped: the optimizer state in the same file is not read."""
+    state_path = os.path.join(os.fspath(path), "trainer_state.pt")
+    if not os.path.isfile(state_path):
+        return None
+    state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=False)
+    return state.get("config", {}).get("seq_len")
+
+
+def load_records(path) -> list:
+    """Records from `--data`: texts of a file or folder, or the conversations of a chat
+    .json/.jsonl file (a `messages` column). Reuses tide.data's readers."""
+    from tide.data import load_chat_dataset, load_texts
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"data path {path!r} does not exist")
+    if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
+        records = list(load_chat_dataset(path)["messages"])
+    else:
+        records = load_texts(path, suffixes=TEXT_SUFFIXES)
+    if not records or all(isinstance(r, str) and not r.strip() for r in records):
+        raise ValueError(f"data path {path!r} holds no text (folders are read for {', '.join(TEXT_SUFFIXES)} files)")
+    return records
+
+
+# --------------------------------------------------------------------------- examples -> windows
+def _record_bytes(record, tokenizer) -> int:
+    """UTF-8 bytes of what a record scores: the text, or the assistant contents as rendered."""
+    from tide.data import render_chat
+
+    if isinstance(record, dict):
+        record = record.get("messages", record.get("text"))
+    if isinstance(record, str):
+        return len(record.encode("utf-8"))
+    rendered = render_chat(record, tokenizer)
+    return sum(len(rendered.text[s[0]:s[1]].encode("utf-8"))
+               for m, s in zip(record, rendered.content_spans) if m["role"] == "assistant" and s is not None)
+
+
+def _windows(records: Sequence, tokenizer, seq_len: int):
+    """`[(ids [l], maskable [l])]` windows of at most seq_len tokens with something to score, and the bytes."""
+    from tide.data import DistillationDataset
+
+    dataset = DistillationDataset(records, student_tokenizer=tokenizer)
+    windows, total_bytes = [], 0
+    for index in range(len(dataset)):
+        example = dataset[index]
+        total_bytes += _record_bytes(dataset.records[index], tokenizer)
+        ids = torch.tensor(example.student_input_ids, dtype=torch.long)
+        maskable = torch.tensor(example.student_maskable, dtype=torch.bool)
+        for start in range(0, len(ids), seq_len):
+            if maskable[start:start + seq_len].any():
+                windows.append((ids[start:start + seq_len], maskable[start:start + seq_len]))
+    return windows, total_bytes
+
+
+def _masks(maskable: torch.Tensor, block_size: int, samples: int, generator: torch.Generator):
+    """K stratified masks for one window: `masked [K, l]` bool and the weight `[K, l]` (L_b / n)."""
+    length = maskable.shape[0]
+    masked = torch.zeros(samples, length, dtype=torch.bool)
+    weight = torch.zeros(samples, length)
+    for start in range(0, length, block_size):
+        positions = maskable[start:start + block_size].nonzero(as_tuple=True)[0] + start
+        count = positions.numel()
+        strata = torch.randperm(samples, generator=generator).double()
+        u = torch.rand(samples, generator=generator, dtype=torch.float64)
+        n = torch.clamp((count * (strata + u) / samples).floor().long() + 1, max=count)  # [K] in 1..L_b
+        priority = torch.rand(samples, count, generator=generator)
+        if count == 0:
+            continue
+        rank = priority.argsort(dim=1).argsort(dim=1)                                       # [K, L_b]
+        chosen = rank < n[:, None]
+        masked[:, positions] = chosen
+        weight[:, positions] = torch.where(chosen, count / n[:, None].float(), 0.0)
+    return masked, weight
+
+
+def _check_int(name, value, low=1):
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- the estimate
+@torch.no_grad()
+def elbo(model, data, *, tokenizer, samples: int = 8, seed: int = 0, batch_size: int = 8,
+         seq_len: int | None = None, progress: bool = True, impl: str = "auto") -> Result:
+    """Negative ELBO of held-out data under a tide diffusion LM (module docstring): bits per byte
+    with its Monte Carlo standard error, per token, and a perplexity bound.
+
+    model: a `tide.models` BD3LM or MDLM (or anything with `kind`, `block_size`, `mask_token_id`,
+    `lm_head_weight` and `forward(x_t, x_0, attention_mask) -> hidden [b, l, d]`).
+    data: a path (str / PathLike: text file, folder, chat .json/.jsonl), or a sequence of texts,
+    conversations (lists of role/content dicts) or dict rows with `messages` / `text`.
+    samples: masks per window (K >= 1; the standard error needs K >= 2). seed: the estimate is a
+    deterministic function of it. batch_size: rows (window x sample) per forward pass.
+    seq_len: window length in tokens (default: the model's max positions, at most 1024, a
+    multiple of the block size). progress: a tqdm bar. impl: `token_logprobs`' implementation.
+    """
+    _check_int("samples", samples)
+    _check_int("batch_size", batch_size)
+    _check_int("seed", seed, low=0)
+    kind = getattr(model, "kind", None)
+    if kind not in ("bd3lm", "mdlm"):
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    block = model.block_size if kind == "bd3lm" else None
+    if seq_len is None:
+        seq_len = min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
+        if block:
+            seq_len = max(block, seq_len // block * block)
+    _check_int("seq_len", seq_len)
+    if block and seq_len % block:
+        raise ValueError(f"seq_len must be a multiple of the model's block_size {block}, got {seq_len}")
+    if isinstance(data, (str, os.PathLike)):
+        records = load_records(data)
+    elif isinstance(data, Sequence) or hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        records = data
+        if len(records) == 0:
+            raise ValueError("data is empty: pass texts, conversations or a path")
+    else:
+        raise TypeError(f"data must be a path or a sequence of texts/conversations, got {type(data).__name__}")
+
+    windows, total_bytes = _windows(records, tokenizer, seq_len)
+    tokens = sum(int(m.sum()) for _, m in windows)
+    if tokens == 0 or total_bytes == 0:
+        raise ValueError("data has nothing to score (no text, or chat data without assistant content)")
+    if block and tokens < block:
+        raise ValueError(f"data holds {tokens} tokens, shorter than one block (block_size={block}): "
+                         "pass more text")
+
+    device = model.lm_head_weight.device
+    head_weight = model.lm_head_weight
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and head_weight.dtype == torch.float32 else contextlib.nullcontext())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.mask_token_id
+    per_sample = torch.zeros(len(windows), samples, dtype=torch.float64)  # nats of each (window, mask)
+
+    def rows():
+        for w, (ids, maskable) in enumerate(windows):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + w)
+            masked, weight = _masks(maskable, block or len(ids), samples, gen)
+            for k in range(samples):
+                yield w, k, ids, masked[k], weight[k]
+
+    n_batches = -(-len(windows) * samples // batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_batches, desc=f"elbo ({kind}, K={samples})", dynamic_ncols=True, file=sys.stderr)
+    batch = []
+    for row in rows():
+        batch.append(row)
+        if len(batch) == batch_size:
+            _score(model, batch, block, pad_id, head_weight, autocast, impl, per_sample, device)
+            batch = []
+            if bar is not None:
+                bar.update(1)
+    if batch:
+        _score(model, batch, block, pad_id, head_weight, autocast, impl, per_sample, device)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+
+    nats = per_sample.mean(dim=1).sum().item()
+    variance = (per_sample.var(dim=1, unbiased=True).sum().item() / samples) if samples > 1 else float("nan")
+    se_nats = math.sqrt(variance) if variance == variance else float("nan")
+    ln2 = math.log(2)
+    return Result(bits_per_byte=nats / ln2 / total_bytes, bits_per_byte_se=se_nats / ln2 / total_bytes,
+                  bits_per_token=nats / ln2 / tokens, bits_per_token_se=se_nats / ln2 / tokens,
+                  nats_per_token=nats / tokens, perplexity_bound=math.exp(nats / tokens), tokens=tokens,
+                  bytes=total_bytes, windows=len(windows), seq_len=seq_len, samples=samples, seed=seed)
+
+
+def _score(model, batch, block, pad_id, head_weight, autocast, impl, per_sample, device):
+    """One forward pass over rows (window, sample, ids, masked, weight): adds each row's
+    weighted masked NLL (nats) into per_sample[window, sample]."""
+    longest = max(ids.shape[0] for _, _, ids, _, _ in batch)
+    length = -(-longest // block) * block if block else longest
+    b = len(batch)
+    x_0 = torch.full((b, length), pad_id, dtype=torch.long)
+    masked = torch.zeros(b, length, dtype=torch.bool)
+    weight = torch.zeros(b, length)
+    attention = torch.zeros(b, length, dtype=torch.long)
+    for i, (_, _, ids, row_masked, row_weight) in enumerate(batch):
+        n = ids.shape[0]
+        x_0[i, :n], masked[i, :n], weight[i, :n], attention[i, :n] = ids, row_masked, row_weight, 1
+    x_0, masked, weight = x_0.to(device), masked.to(device), weight.to(device)
+    attention = None if bool(attention.all()) else attention.to(device)
+    x_t = torch.where(masked, model.mask_token_id, x_0)
+    with autocast:
+        hidden = model(x_t, x_0, attention)                                  # [b, l, d]
+    rows_b = masked.nonzero(as_tuple=True)[0]
+    logp = token_logprobs(hidden[masked].to(head_weight.dtype), head_weight, x_0[masked], impl=impl)  # [N]
+    nll = torch.zeros(b, dtype=torch.float64, device=device)
+    nll.index_add_(0, rows_b, -(logp.double() * weight[masked].double()))
+    nll = nll.cpu()
+    for i, (w, k, _, _, _) in enumerate(batch):
+        per_sample[w, k] = nll[i]
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m tide.evaluate",
+                                     description="Held-out negative ELBO of a tide checkpoint, in bits per byte.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="tide checkpoint directory (written by tide.train)")
+    parser.add_argument("--data", required=True, help="text file, folder of .txt/.md/.py, or chat .jsonl")
+    parser.add_argument("--samples", type=int, default=8, help="masks per window (K); the SE needs K >= 2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows (window x sample) per forward pass")
+    parser.add_argument("--seq-len", type=int, default=0,
+                        help="window length in tokens (0: the checkpoint's training --seq-len, else the model's "
+                             f"max positions, at most {DEFAULT_MAX_SEQ_LEN})")
+    parser.add_argument("--json", default=None, help="also write the result (and the arguments) to this file")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len < 0:
+        parser.error(f"--seq-len must be >= 0, got {args.seq_len}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, tokenizer = load_checkpoint(args.checkpoint, device=device)
+        seq_len = args.seq_len or trained_seq_len(args.checkpoint)
+        result = elbo(model, args.data, tokenizer=tokenizer, samples=args.samples, seed=args.seed,
+                      batch_size=args.batch_size, seq_len=seq_len, progress=not args.quiet)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"{args.checkpoint} ({model.kind}) on {args.data}: {result}")
+    out = {"checkpoint": args.checkpoint, "data": args.data, "kind": model.kind, "elbo": result.to_dict()}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(out, fh, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
