@@ -227,3 +227,72 @@ def test_bad_arguments_and_data(tok, tmp_path):
         full = ["--checkpoint", str(tmp_path), "--data", str(tmp_path)] + argv
         with pytest.raises(SystemExit):
             main(full)
+
+
+# --------------------------------------------------------------------------- infill
+def oracle_sampler(texts, span_chars, tokenizer, wrong=False):
+    """Stands in for tide.generate.generate: writes the true span (or the mask token: all wrong)."""
+    def fill(model, context_ids, max_new_tokens, **options):
+        context = tokenizer.decode(context_ids)
+        text = next(t for t in texts if context in t)
+        start = text.index(context) + len(context)
+        ids = tokenizer(text[start:start + span_chars], add_special_tokens=False)["input_ids"]
+        assert len(ids) == max_new_tokens and options["temperature"] == 0.0
+        return [tokenizer.convert_tokens_to_ids(MASK)] * len(ids) if wrong else ids
+    return fill
+
+
+@pytest.mark.parametrize("tokenizer_name", ["byte_bpe", "unigram"])
+def test_infill_scores_a_perfect_fill_as_one_on_any_tokenizer(tokenizer_name, monkeypatch):
+    import tide.generate
+    from tokenizers_for_tests import ALL
+
+    from tide.evaluate import infill
+    tokenizer = tok_with_mask(ALL[tokenizer_name]())
+    texts = [t[:600] for t in training_text()[1:4]]
+    model = tiny(tokenizer, "bd3lm")
+    monkeypatch.setattr(tide.generate, "generate", oracle_sampler(texts, 12, tokenizer))
+    result = infill(model, texts, tokenizer=tokenizer, spans=10, span_chars=12, progress=False)
+    assert (result.char_accuracy, result.token_accuracy, result.exact_match) == (1.0, 1.0, 1.0)
+    assert result.chars == 120 and result.tokens >= 10
+    monkeypatch.setattr(tide.generate, "generate", oracle_sampler(texts, 12, tokenizer, wrong=True))
+    wrong = infill(model, texts, tokenizer=tokenizer, spans=10, span_chars=12, progress=False)
+    assert (wrong.token_accuracy, wrong.exact_match) == (0.0, 0.0) and wrong.char_accuracy < 0.2
+
+
+def tok_with_mask(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [MASK]})
+    return tokenizer
+
+
+def test_infill_spans_are_the_same_for_every_tokenizer_and_start_after_a_word():
+    from tide.evaluate import infill_spans
+    texts = [t[:500] for t in training_text()[1:5]]
+    spans = infill_spans(texts, 20, 16, seed=3)
+    assert spans == infill_spans(texts, 20, 16, seed=3) != infill_spans(texts, 20, 16, seed=4)
+    assert len(set(spans)) == 20
+    for text, start, end in spans:
+        assert texts[text][start] == " " and not texts[text][start - 1].isspace()
+        assert end - start == 16 and start >= 16 and end <= len(texts[text])
+
+
+@pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
+def test_infill_with_the_real_sampler(tok, kind):
+    from tide.evaluate import infill
+    model = tiny(tok, kind)
+    texts = [t[:300] for t in training_text()[1:3]]
+    a = infill(model, texts, tokenizer=tok, spans=4, span_chars=10, seed=1, progress=False)
+    assert 0.0 <= a.char_accuracy <= 1.0 and 0.0 <= a.token_accuracy <= 1.0 and a.spans == 4
+    assert a == infill(model, texts, tokenizer=tok, spans=4, span_chars=10, seed=1, progress=False)
+
+
+def test_infill_bad_input(tok):
+    from tide.evaluate import infill
+    model = tiny(tok, "bd3lm")
+    with pytest.raises(ValueError, match="spans"):
+        infill(model, TEXTS, tokenizer=tok, spans=0)
+    with pytest.raises(ValueError, match="spans=1000"):
+        infill(model, TEXTS, tokenizer=tok, spans=1000)
+    with pytest.raises(ValueError, match="span_chars"):
+        infill(model, TEXTS, tokenizer=tok, span_chars=0)

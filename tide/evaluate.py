@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ import torch
 
 from tide.losses import token_logprobs
 
-__all__ = ["Result", "elbo", "load_checkpoint", "load_records", "trained_seq_len", "main"]
+__all__ = ["Result", "InfillResult", "elbo", "infill", "infill_spans", "load_checkpoint", "load_records", "trained_seq_len", "main"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -191,6 +192,33 @@ def _masks(maskable: torch.Tensor, block_size: int, samples: int, generator: tor
     return masked, weight
 
 
+def _default_seq_len(model, seq_len: int | None) -> int:
+    """seq_len checked, or the model's max positions (at most DEFAULT_MAX_SEQ_LEN), a whole number of blocks."""
+    kind = getattr(model, "kind", None)
+    if kind not in ("bd3lm", "mdlm"):
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    block = model.block_size if kind == "bd3lm" else None
+    if seq_len is None:
+        seq_len = min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
+        if block:
+            seq_len = max(block, seq_len // block * block)
+    _check_int("seq_len", seq_len)
+    if block and seq_len % block:
+        raise ValueError(f"seq_len must be a multiple of the model's block_size {block}, got {seq_len}")
+    return seq_len
+
+
+def _records(data):
+    """Records of `data`: a path (load_records) or a non-empty sequence."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_records(data)
+    if isinstance(data, Sequence) or hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        if len(data) == 0:
+            raise ValueError("data is empty: pass texts, conversations or a path")
+        return data
+    raise TypeError(f"data must be a path or a sequence of texts/conversations, got {type(data).__name__}")
+
+
 def _check_int(name, value, low=1):
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -215,25 +243,10 @@ def elbo(model, data, *, tokenizer, samples: int = 8, seed: int = 0, batch_size:
     _check_int("samples", samples)
     _check_int("batch_size", batch_size)
     _check_int("seed", seed, low=0)
-    kind = getattr(model, "kind", None)
-    if kind not in ("bd3lm", "mdlm"):
-        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    seq_len = _default_seq_len(model, seq_len)                       # also checks the model
+    kind = model.kind
     block = model.block_size if kind == "bd3lm" else None
-    if seq_len is None:
-        seq_len = min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN), DEFAULT_MAX_SEQ_LEN)
-        if block:
-            seq_len = max(block, seq_len // block * block)
-    _check_int("seq_len", seq_len)
-    if block and seq_len % block:
-        raise ValueError(f"seq_len must be a multiple of the model's block_size {block}, got {seq_len}")
-    if isinstance(data, (str, os.PathLike)):
-        records = load_records(data)
-    elif isinstance(data, Sequence) or hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        records = data
-        if len(records) == 0:
-            raise ValueError("data is empty: pass texts, conversations or a path")
-    else:
-        raise TypeError(f"data must be a path or a sequence of texts/conversations, got {type(data).__name__}")
+    records = _records(data)
 
     windows, total_bytes = _windows(records, tokenizer, seq_len)
     tokens = sum(int(m.sum()) for _, m in windows)
@@ -314,6 +327,120 @@ def _score(model, batch, block, pad_id, head_weight, autocast, impl, per_sample,
         per_sample[w, k] = nll[i]
 
 
+# --------------------------------------------------------------------------- infill
+@dataclasses.dataclass
+class InfillResult:
+    """Span-infill accuracy (micro-averaged over every span character / token)."""
+    char_accuracy: float          # span characters reproduced exactly, at their position
+    token_accuracy: float         # span tokens (this model's tokenizer) reproduced exactly
+    exact_match: float            # spans reproduced exactly, every character
+    spans: int
+    chars: int                    # characters over all spans
+    tokens: int                   # the spans' tokens (this tokenizer)
+    span_chars: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (f"infill: {self.char_accuracy:.4f} char accuracy, {self.token_accuracy:.4f} token accuracy, "
+                f"{self.exact_match:.4f} exact spans ({self.spans} spans of {self.span_chars} characters, "
+                f"seed {self.seed})")
+
+
+def infill_spans(texts: Sequence[str], spans: int, span_chars: int, seed: int, min_context_chars: int = 16):
+    """`[(text index, start, end)]`: `spans` spans of `span_chars` characters, each starting at a
+    space that ends a word (so a span tokenized on its own starts as it would in context, for
+    byte-level BPE and Metaspace tokenizers alike), at least `min_context_chars` into its text. A function
+    of the texts and the seed only, so models with different tokenizers get the same spans."""
+    import bisect
+    import random
+    import re
+
+    starts = [[m.start() for m in re.finditer(r"(?<=\S) ", text)
+               if min_context_chars <= m.start() <= len(text) - span_chars] for text in texts]
+    cumulative = list(itertools.accumulate(len(s) for s in starts))
+    total = cumulative[-1] if cumulative else 0
+    if total < spans:
+        raise ValueError(f"spans={spans}: the data has only {total} places for a span of span_chars={span_chars} "
+                         f"characters after {min_context_chars} characters of context: pass fewer or shorter spans "
+                         "or more text")
+    out = []
+    for index in sorted(random.Random(seed).sample(range(total), spans)):
+        text = bisect.bisect_right(cumulative, index)
+        start = starts[text][index - (cumulative[text - 1] if text else 0)]
+        out.append((text, start, start + span_chars))
+    return out
+
+
+def _record_texts(records) -> list[str]:
+    """Plain texts of records: texts as they are, the assistant contents of conversations."""
+    texts = []
+    for record in records:
+        if isinstance(record, dict):
+            record = record.get("messages", record.get("text"))
+        if isinstance(record, str):
+            texts.append(record)
+        else:
+            texts.extend(m["content"] for m in record if m["role"] == "assistant")
+    return texts
+
+
+@torch.no_grad()
+def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, seed: int = 0,
+           steps: int | None = None, seq_len: int | None = None, progress: bool = True) -> InfillResult:
+    """Mask random character spans of held-out text and fill them with `tide.generate` (greedy).
+
+    Each span (`infill_spans`: the same spans for every tokenizer) is tokenized on its own
+    (n tokens); the model gets the text before it (its last `seq_len - n` tokens) and writes
+    n tokens. Block diffusion writes left to right, so the text after the span is not given.
+    The fill is decoded as the continuation of the decoded context and compared with the
+    span character by character (`char_accuracy`, comparable across tokenizers) and token by
+    token against the span's own tokens (`token_accuracy`). Chat data: assistant contents.
+    """
+    from tide.generate import generate
+
+    _check_int("spans", spans)
+    _check_int("span_chars", span_chars)
+    _check_int("seed", seed, low=0)
+    if steps is not None:
+        _check_int("steps", steps)
+    seq_len = _default_seq_len(model, seq_len)
+    records = _records(data)
+    texts = _record_texts(records)
+    chosen = infill_spans(texts, spans, span_chars, seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(chosen), desc=f"infill ({model.kind})", dynamic_ncols=True, file=sys.stderr)
+    right_chars = right_tokens = all_tokens = exact = 0
+    for text_index, start, end in chosen:
+        text = texts[text_index]
+        truth = text[start:end]
+        truth_ids = tokenizer(truth, add_special_tokens=False)["input_ids"]
+        if len(truth_ids) >= seq_len:
+            raise ValueError(f"span_chars={span_chars} gives spans of {len(truth_ids)} tokens, not less than "
+                             f"seq_len={seq_len}")
+        context_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"][-(seq_len - len(truth_ids)):]
+        filled = generate(model, context_ids, len(truth_ids), steps=steps, temperature=0.0)
+        context_text = tokenizer.decode(context_ids)
+        full_text = tokenizer.decode(context_ids + list(filled))
+        fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
+                     else tokenizer.decode(filled))
+        right_chars += sum(a == b for a, b in zip(fill_text, truth))
+        right_tokens += sum(a == b for a, b in zip(filled, truth_ids))
+        all_tokens += len(truth_ids)
+        exact += fill_text[:len(truth)] == truth
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return InfillResult(char_accuracy=right_chars / (spans * span_chars), token_accuracy=right_tokens / all_tokens,
+                        exact_match=exact / spans, spans=spans, chars=spans * span_chars, tokens=all_tokens,
+                        span_chars=span_chars, seed=seed)
+
+
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m tide.evaluate",
@@ -329,23 +456,34 @@ def main(argv: list[str] | None = None) -> dict:
                              f"max positions, at most {DEFAULT_MAX_SEQ_LEN})")
     parser.add_argument("--json", default=None, help="also write the result (and the arguments) to this file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    parser.add_argument("--infill", type=int, default=0, metavar="SPANS",
+                        help="also fill this many random spans with tide.generate and report their accuracy")
+    parser.add_argument("--span-chars", type=int, default=24, help="characters per infill span")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    for name in ("samples", "batch_size"):
+    for name in ("samples", "batch_size", "span_chars"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seq_len < 0:
-        parser.error(f"--seq-len must be >= 0, got {args.seq_len}")
+    for name in ("seq_len", "infill"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tokenizer = load_checkpoint(args.checkpoint, device=device)
         seq_len = args.seq_len or trained_seq_len(args.checkpoint)
         result = elbo(model, args.data, tokenizer=tokenizer, samples=args.samples, seed=args.seed,
                       batch_size=args.batch_size, seq_len=seq_len, progress=not args.quiet)
+        filled = None
+        if args.infill:
+            filled = infill(model, args.data, tokenizer=tokenizer, spans=args.infill, span_chars=args.span_chars,
+                            seed=args.seed, seq_len=seq_len, progress=not args.quiet)
     except ValueError as error:
         parser.error(str(error))
     print(f"{args.checkpoint} ({model.kind}) on {args.data}: {result}")
     out = {"checkpoint": args.checkpoint, "data": args.data, "kind": model.kind, "elbo": result.to_dict()}
+    if filled is not None:
+        print(filled)
+        out["infill"] = filled.to_dict()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)
