@@ -177,11 +177,12 @@ def test_cli_on_a_saved_checkpoint_writes_json(tok, tmp_path, capsys):
     for i, text in enumerate(TEXTS):
         (tmp_path / "data" / f"{i}.py").write_text(text)
     out = main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--samples", "2",
-                "--json", str(tmp_path / "r.json"), "--device", "cpu", "--quiet"])
+                "--json", str(tmp_path / "r.json"), "--device", "cpu", "--quiet", "--infill", "2", "--span-chars", "8"])
     assert "bits/byte" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved == json.loads(json.dumps(out)) and saved["kind"] == "bd3lm"
     assert saved["elbo"]["seq_len"] == 16                          # the training --seq-len by default
+    assert saved["infill"]["spans"] == 2 and 0 <= saved["infill"]["char_accuracy"] <= 1
     direct = elbo(model, TEXTS, tokenizer=tok, samples=2, seq_len=16, progress=False)
     assert saved["elbo"]["bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-5)
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
