@@ -32,6 +32,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "triton>=3.2"],
         "gpu": ["flash-attn"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+        # the peers benchmarks/run.py compares against, when they install (never a dependency)
+        "peers": ["liger-kernel", "cut-cross-entropy"],
     },
 )
