@@ -1,60 +1,241 @@
-"""Block-diffusion sampler: shapes, no mask tokens left, prompt kept, and one-step blocks
-equal the model's own argmax on the masked block."""
+"""The sampler: batched ragged prompts give the same tokens as one prompt alone (bit-identical hidden
+states), the block KV cache gives the same tokens as the full re-run, the mask token is never emitted,
+EOS stops one row only, the strategies, bad input, and the CLI on a checkpoint written by tide.train."""
+import json
+
+import pytest
 import torch
 
 from tide.demo import stdlib_text, train_tokenizer
-from tide.generate import generate, main
+from tide.generate import BlockKVCache, _block_causal, _forward, generate, main, ragged_sdpa  # noqa: F401
 from tide.models import build_config, build_model
 
+V = 60
+MASK = V - 1
+PROMPTS = [[3, 4, 5, 6, 7], [1], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8], [9, 9], [1, 2, 3],
+           [4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]  # 8 lengths, ragged around blocks of 4
 
-def tiny(kind="bd3lm", vocab=60, block=4):
+
+def tiny(kind="bd3lm", block=4, arch="qwen3", layers=2):
+    """A random model whose outputs depend on the context (weights large enough that attention matters)."""
     torch.manual_seed(0)
-    return build_model(kind, build_config("qwen3", vocab, 32, 1, 2), block_size=block, mask_token_id=vocab - 1).eval()
+    model = build_model(kind, build_config(arch, V, 32, layers, 2), block_size=block, mask_token_id=MASK).eval()
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.5 if "embed" in name else p.shape[1] ** -0.5)
+    return model
 
 
-def test_blocks_fill_without_masks():
-    model = tiny()
-    prompt = [3, 4, 5, 6, 7]                       # ends inside the second block
-    out = generate(model, prompt, 10)
-    assert len(out) == 10 and model.mask_token_id not in out
-    assert generate(model, prompt, 10) == out       # greedy is deterministic
+@pytest.fixture(scope="module")
+def bd3lm():
+    return tiny()
 
 
-def test_one_step_block_is_the_argmax():
-    model = tiny()
-    prompt = [3, 4, 5, 6]                          # exactly one block
-    out = generate(model, prompt, 4, steps=1)
-    seq = torch.tensor([prompt + [model.mask_token_id] * 4])
+def test_blocks_fill_without_masks(bd3lm):
+    out = generate(bd3lm, [[3, 4, 5, 6, 7]], 10)[0]       # ends inside the second block
+    assert len(out) == 10 and MASK not in out
+    assert generate(bd3lm, [[3, 4, 5, 6, 7]], 10)[0] == out  # greedy is deterministic
+    assert len(set(out)) > 1                                  # the test model is not degenerate
+
+
+def test_one_step_block_is_the_argmax_of_the_training_forward(bd3lm):
+    prompt = [3, 4, 5, 6]                                     # exactly one block
+    out = generate(bd3lm, [prompt], 4, steps=1)[0]
+    seq = torch.tensor([prompt + [MASK] * 4])
     with torch.no_grad():
-        logits = model(seq, seq)[0, 4:] @ model.lm_head_weight.T
-    logits[:, model.mask_token_id] = float("-inf")
+        logits = bd3lm(seq, seq)[0, 4:] @ bd3lm.lm_head_weight.T  # the [x_t, x_0] four-rule forward
+    logits[:, MASK] = float("-inf")
     assert out == logits.argmax(-1).tolist()
 
 
-def test_mdlm_and_eos_stop():
-    model = tiny("mdlm")
-    out = generate(model, [1, 2, 3], 6)
-    assert len(out) == 6 and model.mask_token_id not in out
-    first = generate(model, [1, 2, 3], 6)[0]
-    assert generate(model, [1, 2, 3], 6, eos_token_id=first) == []
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_cache_matches_full_rerun(arch):
+    model = tiny(arch=arch)
+    for new, steps, strategy, threshold in ((11, None, "low_confidence", None), (8, 2, "low_confidence", None),
+                                            (9, None, "margin", None), (12, None, "threshold", 0.3)):
+        plain = generate(model, PROMPTS, new, steps=steps, strategy=strategy, threshold=threshold, cache=False)
+        cached = generate(model, PROMPTS, new, steps=steps, strategy=strategy, threshold=threshold, cache=True)
+        assert cached == plain, (new, steps, strategy)
+        assert all(len(o) == new and MASK not in o for o in cached)
 
 
-def test_cli(tmp_path, capsys):
-    tok = train_tokenizer(stdlib_text(20_000), "bpe", 300, str(tmp_path))
-    torch.manual_seed(0)
-    model = build_model("bd3lm", build_config("llama", len(tok), 32, 1, 2), block_size=4,
-                        mask_token_id=tok.convert_tokens_to_ids("<|mask|>"))
-    model.save_pretrained(tmp_path)
-    text = main(["--checkpoint", str(tmp_path), "--prompt", "def f(x):", "--max-new-tokens", "8",
-                 "--device", "cpu"])
-    assert capsys.readouterr().out.startswith("def f(x):") and isinstance(text, str)
+@pytest.mark.parametrize("kind,options", [
+    ("bd3lm", {}), ("bd3lm", {"cache": False}), ("bd3lm", {"strategy": "threshold", "threshold": 0.2}),
+    ("bd3lm", {"strategy": "random"}), ("bd3lm", {"temperature": 1.0, "top_k": 8, "top_p": 0.9}),
+    ("mdlm", {}), ("mdlm", {"block_size": 4, "steps": 2}), ("mdlm", {"temperature": 0.7})])
+def test_a_prompt_alone_equals_it_inside_a_ragged_batch_of_8(kind, options):
+    model = tiny(kind)
+    batch = generate(model, PROMPTS, 9, seed=list(range(100, 108)), **options)
+    alone = [generate(model, [p], 9, seed=[100 + i], **options)[0] for i, p in enumerate(PROMPTS)]
+    assert batch == alone
+    assert all(len(o) == 9 and MASK not in o for o in batch)
 
 
-def test_block_kv_cache_matches_full_rerun():
-    model = tiny(block=4)
-    for prompt, new, steps in (([3, 4, 5, 6, 7], 11, None), ([3, 4, 5, 6], 8, 2), ([9], 6, 1)):
-        plain = generate(model, prompt, new, steps=steps, cache=False)
-        cached = generate(model, prompt, new, steps=steps, cache=True)
-        assert cached == plain, (prompt, plain, cached)
-    llama = build_model("bd3lm", build_config("llama", 60, 32, 2, 2), block_size=4, mask_token_id=59).eval()
-    assert generate(llama, [1, 2], 10, cache=True) == generate(llama, [1, 2], 10, cache=False)
+def test_ragged_rows_are_bit_identical_to_rows_alone(bd3lm):
+    """What the token test rests on: a row's hidden states, prefill and cached decode, do not depend on
+    the other rows of its batch (padding is cut off per row group, never masked inside a softmax)."""
+    from tide.generate import RAGGED_ATTENTION, _register_attention
+    _register_attention()
+    bd3lm.decoder.set_attn_implementation(RAGGED_ATTENTION)
+    try:
+        torch.manual_seed(1)
+        lengths = [4, 8, 8, 16]                                    # whole blocks of 4, sorted
+        ids = torch.randint(0, MASK, (4, 16))
+        block = torch.randint(0, V, (4, 4))
+        batch_kv = BlockKVCache(2, 20)
+        batch_kv.writes = [(0, 4, 0)]
+        groups = [(0, 1, 4, 4, _block_causal(4, 4, "cpu")), (1, 3, 8, 8, _block_causal(8, 4, "cpu")),
+                  (3, 4, 16, 16, _block_causal(16, 4, "cpu"))]
+        prefill = _forward(bd3lm, ids, torch.arange(16)[None], groups, batch_kv)
+        batch_kv.writes = [(0, 1, 4), (1, 3, 8), (3, 4, 16)]
+        positions = torch.tensor([[4], [8], [8], [16]]) + torch.arange(4)
+        decode = _forward(bd3lm, block, positions, [(0, 1, 4, 8, None), (1, 3, 4, 12, None), (3, 4, 4, 20, None)],
+                          batch_kv)
+        for row, n in enumerate(lengths):
+            kv = BlockKVCache(2, n + 4)
+            kv.writes = [(0, 1, 0)]
+            alone = _forward(bd3lm, ids[row:row + 1, :n], torch.arange(n)[None],
+                             [(0, 1, n, n, _block_causal(n, 4, "cpu"))], kv)
+            assert torch.equal(alone[0], prefill[row, :n])
+            kv.writes = [(0, 1, n)]
+            alone = _forward(bd3lm, block[row:row + 1], positions[row:row + 1], [(0, 1, 4, n + 4, None)], kv)
+            assert torch.equal(alone[0], decode[row])
+    finally:
+        bd3lm.decoder.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
+def test_eos_stops_one_row_and_not_the_others(kind):
+    model = tiny(kind)
+    free = generate(model, PROMPTS, 12, block_size=4)
+    # an EOS id that row 0 writes in its first block and that some other rows never write
+    eos = next(t for t in free[0][:4] if sum(t in o for o in free) < len(free))
+    stopped = generate(model, PROMPTS, 12, block_size=4, eos_token_id=eos)
+    for out, full in zip(stopped, free):
+        assert out == (full[:full.index(eos)] if eos in full else full)
+    assert len(stopped[0]) < 4 and any(len(o) == 12 for o in stopped)
+
+
+def test_threshold_one_is_one_token_per_step_and_lower_thresholds_save_calls(bd3lm):
+    calls = []
+    hook = bd3lm.backbone.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        base = generate(bd3lm, PROMPTS, 16)
+        one_per_step = len(calls)
+        calls.clear()
+        assert generate(bd3lm, PROMPTS, 16, strategy="threshold", threshold=1.0) == base
+        assert len(calls) == one_per_step
+        calls.clear()
+        parallel = generate(bd3lm, PROMPTS, 16, strategy="threshold", threshold=0.05)
+        assert len(calls) < one_per_step and all(MASK not in o and len(o) == 16 for o in parallel)
+    finally:
+        hook.remove()
+
+
+def test_sampling_is_reproducible_and_seeded_per_prompt(bd3lm):
+    options = {"temperature": 1.0, "top_p": 0.95}
+    first = generate(bd3lm, PROMPTS, 8, seed=3, **options)
+    assert generate(bd3lm, PROMPTS, 8, seed=3, **options) == first
+    assert generate(bd3lm, PROMPTS, 8, seed=4, **options) != first
+    assert generate(bd3lm, PROMPTS[2:], 8, seed=5, **options) == first[2:]  # prompt i uses seed + i
+
+
+@pytest.mark.parametrize("options,argument", [
+    ({"max_new_tokens": -3}, "max_new_tokens"), ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"steps": -1}, "steps"), ({"steps": 0}, "steps"), ({"temperature": 1e-40}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": -1.0}, "temperature"), ({"strategy": "threshold"}, "threshold"),
+    ({"strategy": "threshold", "threshold": 0.0}, "threshold"), ({"strategy": "threshold", "threshold": 1.5}, "threshold"),
+    ({"threshold": 0.9}, "threshold"), ({"strategy": "threshold", "threshold": 0.9, "steps": 4}, "steps"),
+    ({"strategy": "best"}, "strategy"), ({"top_k": 5}, "top_k"), ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
+    ({"block_size": 0}, "block_size"), ({"eos_token_id": V}, "eos_token_id"), ({"seed": [1]}, "seed")])
+def test_bad_options_name_the_argument(bd3lm, options, argument):
+    with pytest.raises(ValueError, match=argument):
+        generate(bd3lm, [[1, 2], [3]], **{"max_new_tokens": 4, **options})
+
+
+def test_bad_prompts():
+    model = tiny("mdlm", layers=1)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(model, [], 4)
+    with pytest.raises(TypeError, match="flat list"):
+        generate(model, [1, 2, 3], 4)
+    with pytest.raises(ValueError, match=r"prompts\[1\].*mask token"):
+        generate(model, [[1], [2, MASK]], 4)
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        generate(model, [[1, V]], 4)
+    with pytest.raises(TypeError, match="BD3LM or MDLM"):
+        generate(model.decoder, [[1]], 4)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint written by `python -m tide.train` (one CE step on a tiny BD3LM)."""
+    from tide.train import main as train
+    root = tmp_path_factory.mktemp("generate_ckpt")
+    texts = stdlib_text(20_000)
+    (root / "data.txt").write_text("\n".join(texts), encoding="utf-8")
+    train_tokenizer(texts, "bpe", 300, str(root / "tok"))
+    args = {"output-dir": str(root / "run"), "max-steps": 1, "device": "cpu", "seq-len": 32, "block-size": 8,
+            "batch-size": 4, "student-hidden": 32, "student-layers": 1, "student-heads": 2, "warmup-steps": 1,
+            "method": "ce", "data": str(root / "data.txt"), "student-tokenizer": str(root / "tok"),
+            "progress-bar": "false", "log-interval": 1}
+    return train([x for k, v in args.items() for x in (f"--{k}", str(v))])["checkpoint"]
+
+
+def test_train_checkpoint_names_eos_and_pad(checkpoint):
+    from transformers import AutoTokenizer
+    config = json.loads(open(f"{checkpoint}/config.json").read())
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert config["eos_token_id"] == tokenizer.eos_token_id is not None
+    assert config["pad_token_id"] == tokenizer.pad_token_id is not None
+
+
+def test_cli_prompts_file_and_batches(checkpoint, tmp_path, capsys):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("def f(x):\n\nimport os\nclass A:\nfor i in\nwhile True:\n", encoding="utf-8")
+    texts = main(["--checkpoint", checkpoint, "--prompts-file", str(lines), "--batch-size", "4",
+                  "--max-new-tokens", "8", "--device", "cpu"])
+    assert len(texts) == 5                                      # the blank line is not a prompt
+    assert capsys.readouterr().out.startswith("def f(x):")
+    # the same prompts one by one (batch size 1), and as JSONL: the same completions
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": p}) for p in lines.read_text().split("\n") if p), encoding="utf-8")
+    assert main(["--checkpoint", checkpoint, "--prompts-file", str(jsonl), "--batch-size", "1",
+                 "--max-new-tokens", "8", "--device", "cpu", "--jsonl"]) == texts
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["completion"] for r in records] == texts
+    assert main(["--checkpoint", checkpoint, "--prompt", "def f(x):", "--prompt", "import os", "--threshold", "0.5",
+                 "--max-new-tokens", "8", "--device", "cpu"])[0] is not None
+
+
+@pytest.mark.parametrize("flags,option", [
+    (["--max-new-tokens", "-3"], "--max-new-tokens"), (["--steps", "-1"], "--steps"),
+    (["--temperature", "1e-40"], "--temperature"), (["--temperature", "inf"], "--temperature"),
+    (["--threshold", "0"], "--threshold"), (["--batch-size", "0"], "--batch-size")])
+def test_cli_bad_options(checkpoint, flags, option, capsys):
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", checkpoint, "--prompt", "x", "--device", "cpu"] + flags)
+    assert option in capsys.readouterr().err
+
+
+def test_cli_checkpoint_must_be_a_local_tide_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):                             # no hub lookup for a missing path
+        main(["--checkpoint", str(tmp_path / "no-such-dir"), "--prompt", "x"])
+    assert "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "Qwen/Qwen3-0.6B", "--prompt", "x"])
+    assert "not a local checkpoint directory" in capsys.readouterr().err
+    build_model("bd3lm", build_config("llama", V, 32, 1, 2), mask_token_id=MASK).decoder.save_pretrained(tmp_path)
+    with pytest.raises(SystemExit):                             # a plain causal LM: not a tide checkpoint
+        main(["--checkpoint", str(tmp_path), "--prompt", "x", "--device", "cpu"])
+    assert "not a tide checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--device", "cpu"])  # no prompt at all
+    assert "no prompt" in capsys.readouterr().err
+
+
+def test_load_model_never_looks_up_the_hub(tmp_path):
+    from tide.models import load_model
+    with pytest.raises(FileNotFoundError, match="not a local directory"):
+        load_model("Qwen/Qwen3-0.6B")

@@ -1,162 +1,560 @@
-"""Sampling from a trained diffusion LM, and its command line.
+"""Sampling from a trained diffusion LM, batched and exact, and its command line.
 
-    python -m tide.generate --checkpoint out/demo/student/checkpoint-120 --prompt "def " --max-new-tokens 64
+    python -m tide.generate --checkpoint out/demo/student/checkpoint-300 --prompt "def " --prompt "class "
+    python -m tide.generate --checkpoint DIR --prompts-file prompts.jsonl --batch-size 8 --threshold 0.9
 
-BD3LM (block diffusion): the answer grows one block at a time, left to right.
-For each block, the positions still to be written start as the mask token and
-are revealed over `steps` denoising steps: at each step the model runs on the
-sequence so far (`[x_t, x_0]` with x_t = x_0 = the sequence: the current block
-sees itself and the clean earlier blocks, exactly the training layout) and the
-most confident masked positions (greedy, or sampled with `--temperature`) are
-written ("low-confidence remasking"). A prompt that ends inside a block keeps
-its tokens fixed in that block. MDLM: the same over one block that spans the
-whole answer.
+    from tide.generate import generate
+    new_ids = generate(model, [ids_a, ids_b], max_new_tokens=128)   # one list of new token ids per prompt
 
-Block KV cache (`cache=True`, the default for BD3LM): the keys and values of
-the finished, clean blocks are computed once (the x_0 half of training: each
-block sees the earlier blocks and itself) and kept in a Hugging Face
-`DynamicCache`; a denoising step then runs only the current block, which sees
-the cache and itself, and the block's own entries are cropped off again. When
-the block is finished it is run once more, clean, to append its keys and
-values. Same attention pattern as the full re-run (`cache=False`), which the
-tests compare it against; the work per step drops from the whole sequence to
-one block.
+BD3LM (block diffusion). The answer grows one block of `block_size` positions
+at a time, left to right. A block starts as the mask token wherever it is not
+prompt (a prompt that ends inside a block keeps its tokens there, fixed) and is
+revealed over denoising steps: at each step the model runs on the current
+block, which sees the clean earlier blocks and itself (SPEC.md: x_t -> x_0 of
+strictly earlier blocks, x_t -> x_t of the same block), and some masked
+positions are written. A finished block is run once more, clean, so that later
+blocks see its x_0 keys and values (x_0 -> x_0 block-causal). Nothing else of
+the training layout `[x_t, x_0]` is needed to sample: the sequence that a
+step runs is `[x_0 of the earlier blocks, x_t of the current block]` under a
+block-causal mask.
+
+MDLM: the whole answer (all masks) is appended to the prompt and every position
+sees every other; `block_size` there (default: the whole answer) reveals the
+answer in left-to-right blocks (LLaDA's semi-autoregressive decoding).
+
+Which masked positions a step writes (`strategy`); the tokens are the argmax,
+or sampled at `temperature` after `top_k` / `top_p` filtering:
+- "low_confidence" (default): the most probable tokens first, an equal share of
+  what is left at each of the `steps` steps of a block (default: one per step);
+- "margin": the largest gap between the first and second most probable token first;
+- "random": positions in random order;
+- "threshold": every masked position whose probability exceeds `threshold`, and
+  at least the most probable one (Fast-dLLM's parallel decoding): the number of
+  steps follows the model's confidence.
+The mask token is never a candidate, so it is never emitted.
+
+Block KV cache (BD3LM, `cache=True`, the default). The keys and values of the
+clean blocks are computed once, into per-layer buffers `[b, h_kv, capacity, d]`
+allocated for the whole answer; a denoising step runs only the current block
+(queries: `block_size` positions per row) against them and writes the block's
+own keys and values into its slot in place, so the cache is never copied, cropped
+or concatenated; the clean run of a finished block writes that slot a last time.
+`cache=False` re-runs `[x_0 earlier blocks, x_t current block]` at every step: the
+same attention pattern, and the tests check that both give the same tokens.
+
+Ragged batches. Prompts of different lengths share a batch, right-padded: each row
+keeps its own positions 0, 1, ... (column = position), its own blocks, its own step
+schedule, and stops on its own at `eos_token_id` (finished rows leave the batch).
+Attention runs once per group of rows of equal length, over exactly those rows'
+keys: padding never enters a softmax. (SDPA's float32 result changes in the last
+bits with the number of masked keys, so padding is cut off, not masked.) A row's
+numbers then do not depend on its neighbours: on CPU in float32 a prompt decodes to
+bit-identical hidden states and the same tokens alone or inside a batch of mixed
+lengths (tested; this relies on matrix products whose row results do not depend on
+the row count, true for CPU BLAS from 4 rows up; GPU GEMMs choose kernels by shape, so
+there it holds only to rounding). Sampling draws from one generator per prompt
+(`seed`), so sampled outputs do not depend on the batch either.
+
+Hugging Face's own `model.generate()` decodes left to right, one token per call,
+with a causal mask: it is not a sampler for a diffusion LM. Use this module.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import math
+import os
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from tide.models import load_model
 
+STRATEGIES = ("low_confidence", "margin", "random", "threshold")
+RAGGED_ATTENTION = "tide_ragged_sdpa"
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny  # below it 1 / temperature overflows float32
 
-def _reveal(hidden, weight, mask_token_id, temperature, generator):
-    """Per open position: the chosen token and its probability (greedy or sampled)."""
-    logits = hidden.float() @ weight.float().T         # [m, V]: only the open positions
-    logits[:, mask_token_id] = float("-inf")
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    else:
-        probs = torch.softmax(logits, dim=-1)
-        choice = probs.argmax(-1)
-    return choice, probs.gather(1, choice[:, None])[:, 0]
+
+# --------------------------------------------------------------------------- attention over ragged rows
+def ragged_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    """A Hugging Face attention function: one SDPA call per group of rows of equal length.
+
+    query `[b, h, T, d]`, key / value `[b, h_kv, S, d]` -> `[b, T, h, d]`. `kwargs["tide_groups"]`:
+    `(start, stop, q_len, k_len, mask)` per group of consecutive rows: their first `q_len` queries
+    attend to their first `k_len` keys under `mask` (`[1, 1, q_len, k_len]` bool, True = attend, or
+    None = all). Queries outside every group (padding) get zeros.
+    """
+    repeat = query.shape[1] // key.shape[1]
+    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for start, stop, q_len, k_len, mask in kwargs["tide_groups"]:
+        k, v = key[start:stop, :, :k_len], value[start:stop, :, :k_len]
+        if repeat > 1:
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        att = F.scaled_dot_product_attention(query[start:stop, :, :q_len], k, v, attn_mask=mask, scale=scaling)
+        out[start:stop, :q_len] = att.transpose(1, 2)
+    return out, None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(RAGGED_ATTENTION, ragged_sdpa)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_causal(length: int, block: int, device: str) -> torch.Tensor:
+    """`[1, 1, L, L]` bool: block of the key <= block of the query."""
+    blocks = torch.arange(length, device=device) // block
+    return (blocks[None, :] <= blocks[:, None])[None, None]
+
+
+def _runs(values: list) -> list[tuple[int, int, object]]:
+    """Consecutive equal values -> `(start, stop, value)`."""
+    runs = []
+    for i, value in enumerate(values):
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], i + 1, value)
+        else:
+            runs.append((i, i + 1, value))
+    return runs
+
+
+class BlockKVCache:
+    """Keys and values of the clean blocks, `[b, h_kv, capacity, d]` per layer, written in place.
+
+    Before each forward, `writes` says where each group of rows puts the keys and values of the
+    positions it runs: `(start, stop, offset)`. `update` (called by every attention layer) copies
+    them into the buffers and hands back the whole buffers; `ragged_sdpa` reads the first `k_len`
+    entries of each group. Nothing is ever concatenated or cropped; `keep(rows)` drops finished rows.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+        self.capacity = capacity
+        self.writes: list[tuple[int, int, int]] = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.keys[layer_idx] is None:  # zeros: never-written entries are finite (and never read)
+            b, h, _, d = key_states.shape
+            self.keys[layer_idx] = key_states.new_zeros(b, h, self.capacity, d)
+            self.values[layer_idx] = value_states.new_zeros(b, h, self.capacity, d)
+        keys, values, length = self.keys[layer_idx], self.values[layer_idx], key_states.shape[2]
+        for start, stop, offset in self.writes:
+            keys[start:stop, :, offset:offset + length] = key_states[start:stop]
+            values[start:stop, :, offset:offset + length] = value_states[start:stop]
+        return keys, values
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.keys = [k if k is None else k[rows] for k in self.keys]
+        self.values = [v if v is None else v[rows] for v in self.values]
+
+
+def _forward(model, ids, positions, groups, cache=None) -> torch.Tensor:
+    """Final hidden states `[b, T, d]` of `ids` `[b, T]` at `positions` (`[b, T]` or `[1, T]`)."""
+    out = model.backbone(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None,
+                         tide_groups=groups)
+    return out.last_hidden_state
+
+
+# --------------------------------------------------------------------------- which positions, which tokens
+class _Reveal:
+    """One denoising step's choice: tokens for the open positions, and which of them to write."""
+
+    def __init__(self, head_weight, mask_token_id, strategy, threshold, temperature, top_k, top_p):
+        self.weight = head_weight.float()  # [V, d], converted once per generate call
+        self.mask_token_id, self.strategy, self.threshold = mask_token_id, strategy, threshold
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def __call__(self, hidden, tokens, open_, quota, generators) -> None:
+        """hidden `[b, W, d]`; tokens `[b, W]`, written in place; open_ `[b, W]` bool (masked and
+        eligible); quota `[b]` positions to write per row (ignored by "threshold"); generators: one
+        per row (or None when nothing is random)."""
+        logits = hidden.float() @ self.weight.T                       # [b, W, V]
+        logits[..., self.mask_token_id] = float("-inf")
+        drawing = open_.any(1).tolist()                               # rows that draw random numbers
+        if self.temperature == 0:
+            probs = logits.softmax(-1)
+            choice = probs.argmax(-1)
+        else:
+            logits = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+            if self.top_k is not None and self.top_k < logits.shape[-1]:
+                kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if self.top_p is not None and self.top_p < 1:
+                ranked, order = logits.sort(-1, descending=True)
+                ranked_probs = ranked.softmax(-1)
+                drop = (ranked_probs.cumsum(-1) - ranked_probs) >= self.top_p  # mass before it already >= p
+                logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+            probs = logits.softmax(-1)
+            gumbel = torch.zeros_like(logits)                         # Gumbel-max: a draw from probs
+            for row, draws in enumerate(drawing):
+                if draws:
+                    u = torch.rand(logits.shape[1:], generator=generators[row], device=logits.device)
+                    gumbel[row] = -torch.log(-torch.log(u))
+            choice = (logits + gumbel).argmax(-1)
+        confidence = probs.gather(-1, choice[..., None])[..., 0]      # [b, W]
+        if self.strategy == "margin":
+            top2 = probs.topk(2, dim=-1).values
+            score = top2[..., 0] - top2[..., 1]
+        elif self.strategy == "random":
+            score = torch.zeros_like(confidence)
+            for row, draws in enumerate(drawing):
+                if draws:
+                    score[row] = torch.rand(score.shape[1], generator=generators[row], device=score.device)
+        else:
+            score = confidence
+        score = score.masked_fill(~open_, float("-inf"))
+        rank = score.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        if self.strategy == "threshold":
+            write = open_ & ((score > self.threshold) | (rank == 0))
+        else:
+            write = open_ & (rank < quota[:, None])
+        tokens[write] = choice[write]
+
+
+def _quota(remaining, n_steps, step):
+    """Positions to write now per row: an equal share of what is left over the steps left."""
+    left = (n_steps - step).clamp(min=1)
+    return (remaining + left - 1) // left
+
+
+# --------------------------------------------------------------------------- the samplers
+def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generators):
+    device, mask_id = model.lm_head_weight.device, model.mask_token_id
+    b = len(prompts)
+    n_blocks = [-(-(len(p) + n_new) // block) for p in prompts]     # blocks of each row at the end
+    seq = torch.full((b, max(n_blocks) * block), mask_id, device=device)  # every row at its positions
+    for row, prompt in enumerate(prompts):
+        seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    current = [len(p) // block for p in prompts]                   # the block each row is writing
+    rows = list(range(b))                                          # batch slot -> prompt index
+    out = [[] for _ in prompts]
+    offsets = torch.arange(block, device=device)
+    kv = BlockKVCache(model.config.num_hidden_layers, seq.shape[1]) if use_cache else None
+    if use_cache and max(current) > 0:                             # the prompt's whole blocks, clean
+        groups = [(a, z, n * block, n * block, _block_causal(n * block, block, str(device)))
+                  for a, z, n in _runs(current) if n > 0]
+        kv.writes = [(0, b, 0)]
+        width = max(current) * block
+        _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups, kv)
+
+    while rows:
+        starts = [j * block for j in current]
+        index = torch.tensor(starts, device=device)[:, None] + offsets   # [b, block] positions of the block
+        cur = seq.gather(1, index)
+        runs = _runs(starts)
+
+        def run_block(cur):
+            if use_cache:
+                kv.writes = [(a, z, s) for a, z, s in runs]
+                return _forward(model, cur, index, [(a, z, block, s + block, None) for a, z, s in runs], kv)
+            seq.scatter_(1, index, cur)
+            width = max(starts) + block
+            groups = [(a, z, s + block, s + block, _block_causal(s + block, block, str(device))) for a, z, s in runs]
+            hidden = _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups)
+            return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+        open_ = cur == mask_id
+        n_steps = open_.sum(1) if steps is None else open_.sum(1).clamp(max=steps)
+        step = torch.zeros_like(n_steps)
+        while True:
+            remaining = open_.sum(1)
+            if not bool(remaining.any()):
+                break
+            reveal(run_block(cur), cur, open_, _quota(remaining, n_steps, step), generators)
+            step += remaining > 0
+            open_ = cur == mask_id
+        if use_cache:
+            run_block(cur)                                         # the finished block's clean keys/values
+        seq.scatter_(1, index, cur)
+        keep = []
+        for slot, (row, values) in enumerate(zip(rows, cur.tolist())):
+            out[row] += values[max(len(prompts[row]) - starts[slot], 0):]
+            current[slot] += 1
+            stopped = eos is not None and eos in out[row][:n_new]
+            if current[slot] < n_blocks[row] and not stopped:
+                keep.append(slot)
+        if len(keep) < len(rows):                                  # finished rows leave the batch
+            rows, current = [rows[s] for s in keep], [current[s] for s in keep]
+            generators = [generators[s] for s in keep] if generators else None
+            index_keep = torch.tensor(keep, device=device, dtype=torch.long)
+            seq = seq[index_keep]
+            if use_cache:
+                kv.keep(index_keep)
+    return out
+
+
+def _mdlm(model, prompts, n_new, block, steps, reveal, eos, generators):
+    device, mask_id = model.lm_head_weight.device, model.mask_token_id
+    block = block or n_new
+    n_blocks = -(-n_new // block)
+    seq = torch.full((len(prompts), max(map(len, prompts)) + n_blocks * block), mask_id, device=device)
+    for row, prompt in enumerate(prompts):
+        seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    rows = list(range(len(prompts)))
+    offsets = torch.arange(block, device=device)
+    out = [None] * len(prompts)
+    for j in range(n_blocks):
+        if not rows:
+            break
+        lengths = [len(prompts[row]) + n_new for row in rows]
+        groups = [(a, z, n, n, None) for a, z, n in _runs(lengths)]
+        width = seq.shape[1]                                        # the cut last block's window fits
+        index = torch.tensor([len(prompts[row]) + j * block for row in rows], device=device)[:, None] + offsets
+        in_answer = offsets < n_new - j * block                     # the last block may be cut
+        cur = seq.gather(1, index)
+        open_ = (cur == mask_id) & in_answer
+        n_steps = open_.sum(1) if steps is None else open_.sum(1).clamp(max=steps)
+        step = torch.zeros_like(n_steps)
+        while True:
+            remaining = open_.sum(1)
+            if not bool(remaining.any()):
+                break
+            hidden = _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups)
+            hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            reveal(hidden, cur, open_, _quota(remaining, n_steps, step), generators)
+            seq.scatter_(1, index, cur)
+            step += remaining > 0
+            open_ = (cur == mask_id) & in_answer
+        keep = []
+        for slot, row in enumerate(rows):
+            out[row] = seq[slot, len(prompts[row]):len(prompts[row]) + n_new].tolist()
+            written = out[row][:(j + 1) * block]
+            if j + 1 < n_blocks and not (eos is not None and eos in written):
+                keep.append(slot)
+        if len(keep) < len(rows):
+            rows = [rows[s] for s in keep]
+            generators = [generators[s] for s in keep] if generators else None
+            seq = seq[torch.tensor(keep, device=device, dtype=torch.long)]
+    return out
+
+
+# --------------------------------------------------------------------------- public entry point
+def _bad(name: str, expected: str, value) -> ValueError:
+    error = ValueError(f"{name} must be {expected}, got {value!r}")
+    error.argument = name
+    return error
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_options(max_new_tokens=64, block_size=None, steps=None, strategy="low_confidence", threshold=None,
+                  temperature=0.0, top_k=None, top_p=None) -> None:
+    """The checks `generate` makes of its options (also run by the CLI before loading a model):
+    ValueError naming the argument and its range."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise _bad("max_new_tokens", "an int >= 1", max_new_tokens)
+    if block_size is not None and (not _is_int(block_size) or block_size < 1):
+        raise _bad("block_size", "None or an int >= 1", block_size)
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise _bad("steps", "None (one token per step) or an int >= 1", steps)
+    if strategy not in STRATEGIES:
+        raise _bad("strategy", f"one of {STRATEGIES}", strategy)
+    if strategy == "threshold":
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
+            raise _bad("threshold", "a number in (0, 1] with strategy='threshold'", threshold)
+        if steps is not None:
+            raise _bad("steps", "None with strategy='threshold' (the threshold decides the steps)", steps)
+    elif threshold is not None:
+        raise _bad("threshold", f"None unless strategy='threshold' (strategy is {strategy!r})", threshold)
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not math.isfinite(temperature)
+            or temperature < 0 or 0 < temperature < MIN_TEMPERATURE):
+        raise _bad("temperature", f"0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}", temperature)
+    if top_k is not None and (not _is_int(top_k) or top_k < 1 or temperature == 0):
+        raise _bad("top_k", "None, or an int >= 1 with temperature > 0 (greedy has no top-k)", top_k)
+    if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool)
+                              or not 0 < top_p <= 1 or temperature == 0):
+        raise _bad("top_p", "None, or a number in (0, 1] with temperature > 0 (greedy has no top-p)", top_p)
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, *, steps: int | None = None,
-             temperature: float = 0.0, eos_token_id: int | None = None, generator=None,
-             cache: bool = True) -> list[int]:
-    """Prompt ids -> the new ids (stops at the first block containing `eos_token_id`).
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, block_size: int | None = None,
+             steps: int | None = None, strategy: str = "low_confidence", threshold: float | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, seed: int | Sequence[int] = 0, cache: bool = True) -> list[list[int]]:
+    """A batch of prompts (lists of token ids, any lengths) -> one list of new token ids per prompt.
 
-    `steps`: denoising steps per block (default: one per token). `cache`: block KV cache (BD3LM).
+    model: a tide BD3LM or MDLM (`tide.models`). Each output has `max_new_tokens` ids, or stops
+    before the first `eos_token_id` (a row stops at the end of the block holding it; the others go on).
+    block_size: BD3LM: the decoding block (default: the model's); MDLM: semi-autoregressive blocks
+        over the answer (default: the whole answer in one block).
+    steps: denoising steps per block (default: one per masked position); not with "threshold".
+    strategy: "low_confidence" | "margin" | "random" | "threshold" (see the module docstring);
+        threshold: the probability above which "threshold" writes a position, in (0, 1].
+    temperature: 0 = greedy; > 0 samples (after `top_k`, `top_p`) from one generator per prompt,
+        seeded `seed + i` for prompt i (or `seed[i]` when `seed` is a list).
+    cache: BD3LM block KV cache (MDLM has none: every position sees every other).
     """
-    if cache and model.kind == "bd3lm":
-        return _generate_cached(model, prompt_ids, max_new_tokens, steps, temperature, eos_token_id, generator)
+    from tide.models import DiffusionLM
+
+    if not isinstance(model, DiffusionLM) or model.kind not in ("bd3lm", "mdlm"):
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    check_options(max_new_tokens, block_size, steps, strategy, threshold, temperature, top_k, top_p)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or torch.is_tensor(prompts):
+        raise TypeError(f"prompts must be a list of prompts, each a list of token ids; got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts must hold at least one prompt, got an empty list")
+    if any(_is_int(p) for p in prompts):
+        raise TypeError("prompts must be a list of prompts, each a list of token ids (for one prompt pass [ids]); "
+                        "got a flat list of ints")
+    vocab = model.vocab_size
+    prompts = [list(p) for p in prompts]
+    for i, prompt in enumerate(prompts):
+        if not all(_is_int(t) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompts[{i}] must hold token ids in [0, {vocab}), got {prompt}")
+        if model.mask_token_id in prompt:
+            raise ValueError(f"prompts[{i}] holds the mask token id {model.mask_token_id}: a prompt is clean text")
+    if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < vocab):
+        raise _bad("eos_token_id", f"None or a token id in [0, {vocab})", eos_token_id)
+    seeds = [seed + i for i in range(len(prompts))] if _is_int(seed) else list(seed)
+    if len(seeds) != len(prompts) or not all(map(_is_int, seeds)):
+        raise _bad("seed", f"an int or one int per prompt ({len(prompts)})", seed)
+    if model.kind == "bd3lm":
+        block_size = block_size or model.block_size
+
+    # rows sorted by length: rows of equal length are neighbours, one attention call per group
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = model.lm_head_weight.device
-    block = model.block_size or (len(prompt_ids) + max_new_tokens)
-    weight = model.lm_head_weight
-    seq = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None]
-    target = len(prompt_ids) + max_new_tokens
-    while seq.shape[1] < target:
-        end = min(-(-(seq.shape[1] + 1) // block) * block, -(-target // block) * block)
-        if model.kind == "mdlm":
-            end = target
-        start = seq.shape[1]
-        seq = torch.cat([seq, seq.new_full((1, end - start), model.mask_token_id)], dim=1)
-        todo = end - start
-        n_steps = min(steps or todo, todo)
-        for k in range(n_steps):
-            masked = (seq[0] == model.mask_token_id).nonzero(as_tuple=True)[0]
-            masked = masked[masked >= start]
-            if masked.numel() == 0:
-                break
-            hidden = model(seq, seq)[0, masked]                # [m, d]
-            choice, confidence = _reveal(hidden, weight, model.mask_token_id, temperature, generator)
-            # reveal an equal share of what is left at each remaining step
-            reveal = -(-masked.numel() // (n_steps - k))
-            top = confidence.topk(reveal).indices
-            seq[0, masked[top]] = choice[top]
-        if eos_token_id is not None and (seq[0, start:] == eos_token_id).any():
-            break
-    out = seq[0, len(prompt_ids):target].tolist()
-    if eos_token_id is not None and eos_token_id in out:
-        out = out[:out.index(eos_token_id)]
-    return out
+    generators = None
+    if temperature > 0 or strategy == "random":
+        generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in order]
+    reveal = _Reveal(model.lm_head_weight, model.mask_token_id, strategy, threshold, temperature, top_k, top_p)
+    sorted_prompts = [prompts[i] for i in order]
+    _register_attention()
+    previous = model.attn_implementation
+    model.decoder.set_attn_implementation(RAGGED_ATTENTION)
+    try:
+        if model.kind == "bd3lm":
+            new = _bd3lm(model, sorted_prompts, max_new_tokens, block_size, steps, reveal, eos_token_id, cache,
+                         generators)
+        else:
+            new = _mdlm(model, sorted_prompts, max_new_tokens, block_size, steps, reveal, eos_token_id, generators)
+    finally:
+        model.decoder.set_attn_implementation(previous)
+    outputs = [None] * len(prompts)
+    for i, ids in zip(order, new):
+        ids = ids[:max_new_tokens]
+        outputs[i] = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
+    return outputs
 
 
-def _generate_cached(model, prompt_ids, max_new_tokens, steps, temperature, eos_token_id, generator):
-    from transformers import DynamicCache
-
-    device, weight, block = model.lm_head_weight.device, model.lm_head_weight, model.block_size
-    kv = DynamicCache(config=model.config)
-
-    def run(ids: torch.Tensor, start: int) -> torch.Tensor:
-        """One block at positions [start, start + len) over the cached clean blocks: every key is
-        visible (cache = strictly earlier blocks, plus the block itself), so the mask is all zeros."""
-        mask = torch.zeros(1, 1, ids.shape[1], start + ids.shape[1], device=device, dtype=weight.dtype)
-        positions = torch.arange(start, start + ids.shape[1], device=device)[None]
-        return model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, cache=kv,
-                              use_cache=True).last_hidden_state[0]
-
-    target = len(prompt_ids) + max_new_tokens
-    done = len(prompt_ids) // block * block                   # whole clean blocks of the prompt
-    for start in range(0, done, block):
-        run(torch.tensor([prompt_ids[start:start + block]], device=device), start)
-    tail = list(prompt_ids[done:])                             # prompt tokens in the current block
-    out = []
-    while done < target:
-        end = min(done + block, -(-target // block) * block)
-        cur = torch.tensor([tail + [model.mask_token_id] * (end - done - len(tail))], device=device)
-        todo = int((cur == model.mask_token_id).sum())
-        n_steps = min(steps or todo, todo)
-        for k in range(n_steps):
-            masked = (cur[0] == model.mask_token_id).nonzero(as_tuple=True)[0]
-            if masked.numel() == 0:
-                break
-            hidden = run(cur, done)[masked]
-            kv.crop(-cur.shape[1])                             # keep only clean blocks in the cache
-            choice, confidence = _reveal(hidden, weight, model.mask_token_id, temperature, generator)
-            top = confidence.topk(-(-masked.numel() // (n_steps - k))).indices
-            cur[0, masked[top]] = choice[top]
-        run(cur, done)                                         # the finished block joins the cache, clean
-        out += cur[0, len(tail):].tolist()
-        tail, done = [], end
-        if eos_token_id is not None and eos_token_id in out:
-            break
-    out = out[:max_new_tokens]
-    if eos_token_id is not None and eos_token_id in out:
-        out = out[:out.index(eos_token_id)]
-    return out
+# --------------------------------------------------------------------------- command line
+def read_prompts(path: str) -> list:
+    """Prompts from a file: one per line (blank lines skipped), or JSONL (`.jsonl`): per line a JSON
+    string, or an object with "prompt" (a string) or "messages" (a chat, for the chat template)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts-file: no such file {path!r}")
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--prompts-file {path} line {number}: not JSON ({exc})") from None
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            item = item["prompt"]
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list):
+            item = item["messages"]
+        if not isinstance(item, (str, list)):
+            raise ValueError(f"--prompts-file {path} line {number}: expected a string or an object with "
+                             f"\"prompt\" (string) or \"messages\" (list), got {line[:80]!r}")
+        prompts.append(item)
+    return prompts
 
 
-def main(argv: list[str] | None = None) -> str:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tide.generate",
-                                     description="Sample from a tide checkpoint (block diffusion).",
+                                     description="Sample from a tide checkpoint (BD3LM block diffusion or MDLM).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (HF format)")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--checkpoint", required=True, help="a local tide checkpoint directory (never a hub id)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompts-file", default=None,
+                        help="one prompt per line, or .jsonl: a string or {\"prompt\": ...} or {\"messages\": [...]}")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=0, help="denoising steps per block (0 = one per token)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="BD3LM: decoding block (default: the model's); MDLM: blocks over the answer")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: one per token)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="which positions a step writes (default: low_confidence, or threshold with --threshold)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="threshold decoding: write every position whose probability exceeds this")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i (any batch size)")
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence at every step")
+    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per prompt")
     parser.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """The CLI: prints each prompt with its completion; returns the completions."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    strategy = args.strategy or ("threshold" if args.threshold is not None else "low_confidence")
+    try:
+        check_options(args.max_new_tokens, args.block_size, args.steps, strategy, args.threshold, args.temperature,
+                      args.top_k, args.top_p)
+    except ValueError as exc:
+        parser.error(f"argument --{exc.argument.replace('_', '-')}: {exc}")
+    if args.batch_size < 1:
+        parser.error(f"argument --batch-size: must be an int >= 1, got {args.batch_size}")
+    if not os.path.isdir(args.checkpoint) or not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        parser.error(f"argument --checkpoint: {args.checkpoint!r} is not a local checkpoint directory "
+                     "(no config.json there; hub ids are not looked up)")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            prompts += read_prompts(args.prompts_file)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+    if not prompts:
+        parser.error("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (with at least one prompt)")
     from transformers import AutoTokenizer
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.checkpoint, device=device).eval()
+    try:
+        model = load_model(args.checkpoint, device=device).eval()
+    except ValueError as exc:
+        parser.error(f"argument --checkpoint: {exc}")
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    new_ids = generate(model, prompt_ids, args.max_new_tokens, steps=args.steps or None,
-                       temperature=args.temperature, eos_token_id=tokenizer.eos_token_id, generator=generator,
+    if (args.chat or any(isinstance(p, list) for p in prompts)) and not tokenizer.chat_template:
+        parser.error(f"--chat / \"messages\" prompts: the tokenizer in {args.checkpoint} has no chat template")
+    texts, ids = [], []
+    for prompt in prompts:
+        if isinstance(prompt, list) or args.chat:
+            chat = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            prompt = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        texts.append(prompt)
+        ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    eos = getattr(model.config, "eos_token_id", None)  # written by tide.train; else the tokenizer's
+    eos = eos if isinstance(eos, int) else tokenizer.eos_token_id
+    completions = []
+    for start in range(0, len(ids), args.batch_size):
+        batch = ids[start:start + args.batch_size]
+        new = generate(model, batch, args.max_new_tokens, block_size=args.block_size, steps=args.steps,
+                       strategy=strategy, threshold=args.threshold, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_token_id=eos, seed=[args.seed + start + i for i in range(len(batch))],
                        cache=not args.no_cache)
-    text = tokenizer.decode(new_ids, skip_special_tokens=True)
-    print(args.prompt + text)
-    return text
+        for text, new_ids in zip(texts[start:start + args.batch_size], new):
+            completion = tokenizer.decode(new_ids, skip_special_tokens=True)
+            completions.append(completion)
+            if args.jsonl:
+                print(json.dumps({"prompt": text, "completion": completion, "new_tokens": len(new_ids)}), flush=True)
+            else:
+                print(text + completion, flush=True)
+    return completions
 
 
 if __name__ == "__main__":

@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
                              dtype=torch.bfloat16 if use_bf16 else None,  # flash-attn 2 needs bf16
                              attn_implementation=None if use_bf16 else "sdpa").eval().requires_grad_(False)
     student = make_student(cfg, tokenizers["student"], resume_from, device)
+    # config.json names the tokens a sampler stops at and pads with (tide.generate reads them)
+    student.config.eos_token_id = tokenizers["student"].eos_token_id
+    student.config.pad_token_id = tokenizers["student"].pad_token_id
     check_pair(cfg, student, teacher, tokenizers)
 
     # ---- data: the dataset in a fixed order per epoch; position = micro-batches consumed

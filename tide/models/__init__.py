@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .bd3lm import BD3LM, bd3lm_allowed, bd3lm_block_mask, bd3lm_sdpa_mask
@@ -50,7 +52,10 @@ def load_model(path, *, kind: str | None = None, block_size: int | None = None,
                mask_token_id: int | None = None, device="cpu", dtype=None,
                attn_implementation: str | None = None) -> DiffusionLM:
     """Load a diffusion LM saved by `save_pretrained` (or any local HF causal-LM directory,
-    then `kind`, `block_size` and `mask_token_id` must be given)."""
+    then `kind`, `block_size` and `mask_token_id` must be given). A path that is not a local
+    directory is an error, never a Hugging Face hub lookup."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a local directory (tide loads local checkpoints only, no hub ids)")
     config = AutoConfig.from_pretrained(path)
     kind = kind or getattr(config, "tide_kind", None)
     block_size = block_size or getattr(config, "block_size", None)
