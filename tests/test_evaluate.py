@@ -233,13 +233,14 @@ def test_bad_arguments_and_data(tok, tmp_path):
 # --------------------------------------------------------------------------- infill
 def oracle_sampler(texts, span_chars, tokenizer, wrong=False):
     """Stands in for tide.generate.generate: writes the true span (or the mask token: all wrong)."""
-    def fill(model, context_ids, max_new_tokens, **options):
+    def fill(model, prompts, max_new_tokens, **options):
+        (context_ids,) = prompts
         context = tokenizer.decode(context_ids)
         text = next(t for t in texts if context in t)
         start = text.index(context) + len(context)
         ids = tokenizer(text[start:start + span_chars], add_special_tokens=False)["input_ids"]
         assert len(ids) == max_new_tokens and options["temperature"] == 0.0
-        return [tokenizer.convert_tokens_to_ids(MASK)] * len(ids) if wrong else ids
+        return [[tokenizer.convert_tokens_to_ids(MASK)] * len(ids) if wrong else ids]
     return fill
 
 

@@ -423,7 +423,7 @@ def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, see
             raise ValueError(f"span_chars={span_chars} gives spans of {len(truth_ids)} tokens, not less than "
                              f"seq_len={seq_len}")
         context_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"][-(seq_len - len(truth_ids)):]
-        filled = generate(model, context_ids, len(truth_ids), steps=steps, temperature=0.0)
+        filled = generate(model, [context_ids], len(truth_ids), steps=steps, temperature=0.0)[0]
         context_text = tokenizer.decode(context_ids)
         full_text = tokenizer.decode(context_ids + list(filled))
         fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
