@@ -89,7 +89,7 @@ def test_one_step(assets, tmp_path, method, pipeline, compdemo, teacher):
         assert record["distill"] > 0 and record["distill"] == record["distill"]
     assert record["lambda"] is not None if method in ("tidal", "calm_tidal") else record["lambda"] is None
     ckpt = result["checkpoint"]
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "rng_rank0.pt"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "optimizer.safetensors", "rng_rank0.safetensors", "checksums.sha256"):
         assert os.path.exists(os.path.join(ckpt, name)), name
     with open(os.path.join(tmp_path, "metrics.jsonl")) as fh:
         assert json.loads(fh.readline())["step"] == 1

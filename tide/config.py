@@ -22,6 +22,7 @@ TOKEN_METHODS = ("kl", "reverse_kl", "tidal")          # token-level, need one v
 CHUNK_METHODS = ("calm", "reverse_calm", "calm_tidal")  # chunk-level, cross-tokenizer
 PIPELINES = ("shared", "aligned", "cross")
 ARCHITECTURES = ("qwen3", "llama")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 @dataclass
@@ -29,14 +30,16 @@ class Config:
     # --- run
     output_dir: str = "out/tide"          # metrics.jsonl and checkpoint-<step>/ go here
     max_steps: int = 1000                 # optimizer steps
-    resume: bool = False                  # continue from the latest checkpoint in output_dir
+    resume: bool = False                  # continue from the newest valid checkpoint in output_dir
+    overwrite: bool = False               # start afresh in a used output_dir (deletes its checkpoints, metrics)
+    allow_config_change: bool = False     # --resume even though options differ from the checkpoint's
     seed: int = 0                         # initialisation, data order and masks
     device: str = "auto"                  # auto | cpu | cuda
     dtype: str = "bf16"                   # autocast dtype on CUDA: bf16 | fp32 (CPU always fp32)
     parallel: str = "ddp"                 # under torchrun: ddp | fsdp (FSDP2 fully_shard)
     log_interval: int = 10                # steps between metrics.jsonl lines
     save_interval: int = 500              # steps between checkpoints (and one at the end)
-    keep_last: int = 2                    # checkpoints kept on disk
+    keep_last: int = 2                    # newest checkpoints kept on disk (0 keeps all)
     progress_bar: bool = True             # tqdm bar with loss and tokens/s
 
     # --- method (SPEC.md)
@@ -160,6 +163,13 @@ def check(cfg: Config) -> None:
     def fail(message):
         raise SystemExit(f"config error: {message}")
 
+    if cfg.resume and cfg.overwrite:
+        fail("--resume and --overwrite contradict each other: continue the run in --output-dir, or replace it")
+    if cfg.allow_config_change and not cfg.resume:
+        fail("--allow-config-change only applies with --resume")
+    if not cfg.resume and not cfg.overwrite and os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir):
+        fail(f"--output-dir {cfg.output_dir!r} is not empty: pass --resume to continue the run there, "
+             f"--overwrite to replace it, or another --output-dir")
     if cfg.method not in METHODS:
         fail(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.pipeline not in PIPELINES:
@@ -202,20 +212,33 @@ def check(cfg: Config) -> None:
         fail("--parallel must be ddp or fsdp")
     if cfg.dtype not in ("bf16", "fp32"):
         fail("--dtype must be bf16 or fp32")
+    if cfg.keep_last < 0:
+        fail(f"--keep-last must be >= 0 (0 keeps all checkpoints), got {cfg.keep_last}")
     if cfg.max_steps <= 0 or cfg.batch_size <= 0 or cfg.grad_accum <= 0:
         fail("--max-steps, --batch-size and --grad-accum must be positive")
     if cfg.needs_teacher and not cfg.teacher:
         fail(f"--method {cfg.method} distils from a teacher: pass --teacher DIR (or --method ce)")
-    if cfg.teacher and not os.path.isdir(cfg.teacher):
-        fail(f"--teacher {cfg.teacher!r} is not a directory")
-    if cfg.student and not os.path.isdir(cfg.student):
-        fail(f"--student {cfg.student!r} is not a directory")
+    # local directories only: a path that does not exist is an error, never a Hugging Face hub id
+    for name in ("teacher", "student"):
+        path = getattr(cfg, name)
+        if path and not os.path.isdir(path):
+            fail(f"--{name} {path!r} is not a directory (models are loaded from local directories only)")
+        if path and not os.path.isfile(os.path.join(path, "config.json")):
+            fail(f"--{name} {path!r} has no config.json: not a model directory")
     for name in ("student_tokenizer", "teacher_tokenizer"):
         path = getattr(cfg, name)
-        if path and not os.path.exists(path):
-            fail(f"--{name.replace('_', '-')} {path!r} not found")
+        if path and not os.path.isdir(path):
+            fail(f"--{name.replace('_', '-')} {path!r} not found (a local tokenizer directory is needed)")
     if not cfg.student and not cfg.student_tokenizer and not cfg.teacher:
         fail("no tokenizer for the student: pass --student DIR, --student-tokenizer DIR or --teacher DIR")
+    sources = [("student_tokenizer", cfg.student_tokenizer) if cfg.student_tokenizer else
+               ("student", cfg.student) if cfg.student else ("teacher", cfg.teacher)]
+    if cfg.needs_teacher:
+        sources.append(("teacher_tokenizer", cfg.teacher_tokenizer) if cfg.teacher_tokenizer else ("teacher", cfg.teacher))
+    for name, path in sources:
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            fail(f"--{name.replace('_', '-')} {path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                 f"pass a tokenizer directory")
     if not cfg.data:
         fail("--data is empty: pass a text file, a folder of text files, or a .jsonl chat file")
     if not os.path.exists(cfg.data):

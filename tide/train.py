@@ -9,8 +9,9 @@ probability t (whole chunks in the cross-tokenizer pipeline), run the student
 on [x_t, x_0] to final hidden states, run the teacher (twice with CompDemo,
 merged on hidden states) under no_grad, gather the masked rows, and call the
 fused loss on (hidden, LM-head weight) pairs: no [batch, length, V] logits are
-ever materialised. Checkpoints are Hugging Face directories plus trainer state;
-`--resume` continues bit-exactly on CPU.
+ever materialised. Checkpoints (tide/checkpoint.py) are Hugging Face directories
+plus trainer state in JSON and safetensors, with checksums; `--resume` continues
+from the newest valid one, bit-exactly on CPU, with the same options.
 
 Normalisation: CE is token-normalised (divided by the maskable tokens) within each
 micro-batch; gradient accumulation and DDP/FSDP average the micro-batch losses.
@@ -21,20 +22,19 @@ same batches and masks.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tide import losses, schedules
+from tide import checkpoint, losses, schedules
 from tide.compdemo import merge_teacher_hidden, teacher_inputs
 from tide.config import CHUNK_METHODS, Config, check, load_config
 from tide.models import build_config, build_model, load_model
@@ -176,68 +176,13 @@ class StudentLoss(nn.Module):
             temperature=cfg.temperature, impl=cfg.impl)
 
 
-# --------------------------------------------------------------------------- schedule, checkpoints
+# --------------------------------------------------------------------------- schedule
 def learning_rate(step: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to min_lr at max_steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
-
-
-def checkpoints(output_dir: str) -> list[str]:
-    """Finished checkpoints, oldest first (a `.tmp` directory is an interrupted write)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith("checkpoint-") and n[11:].isdigit()]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[11:]))]
-
-
-def save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank):
-    """HF-format student + tokenizers + trainer state, written to a temp dir, then renamed."""
-    if fsdp:  # gather the full state on rank 0 (collective: every rank calls it)
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(wrapped, options=options)
-        prefix = "student.decoder."
-        model_state = {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}
-        if getattr(student.config, "tie_word_embeddings", False):  # saved once, as the embedding
-            model_state.pop("lm_head.weight", None)
-        optim_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
-    else:
-        model_state, optim_state = None, optimizer.state_dict()
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    final = os.path.join(cfg.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if rank == 0:
-        student.save_pretrained(tmp, state_dict=model_state) if model_state is not None else student.save_pretrained(tmp)
-        tokenizers["student"].save_pretrained(tmp)
-        if tokenizers.get("teacher") is not None and cfg.pipeline != "shared":
-            tokenizers["teacher"].save_pretrained(os.path.join(tmp, "teacher_tokenizer"))
-        # the LR schedule is a function of the step; data order and masks are functions of the seed and
-        # the global micro-batch index, so (step, batch geometry) is the whole data position
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        position = {"micro_batches": step * cfg.grad_accum, "batch_size": cfg.batch_size, "world_size": world}
-        torch.save({"step": step, "data_position": position, "optimizer": optim_state,
-                    "config": dataclasses.asdict(cfg)}, os.path.join(tmp, "trainer_state.pt"))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
 
 
 # --------------------------------------------------------------------------- main
@@ -267,13 +212,21 @@ def main(argv: list[str] | None = None) -> dict:
     use_bf16 = device.type == "cuda" and cfg.dtype == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    # ---- resume point
-    resume_from = None
+    # ---- resume point: the newest checkpoint that verifies, written with the same options
+    resume_from = resume_state = None
     if cfg.resume:
-        found = checkpoints(cfg.output_dir)
-        if not found:
-            raise SystemExit(f"--resume: no checkpoint-<step> directory in {cfg.output_dir!r}")
-        resume_from = found[-1]
+        resume_from, resume_state = checkpoint.latest_valid(cfg.output_dir, rank)
+        changed = checkpoint.config_differences(resume_state["config"], cfg)
+        if changed and not cfg.allow_config_change:
+            raise SystemExit(f"--resume: {resume_from} was written with other options:\n  " + "\n  ".join(changed)
+                             + "\nresume with the same options, or pass --allow-config-change to continue anyway")
+        position = resume_state["data_position"]
+        if (position["batch_size"], position["world_size"]) != (cfg.batch_size, world):
+            raise SystemExit(f"--resume: {resume_from} was written with --batch-size {position['batch_size']} on "
+                             f"{position['world_size']} process(es); resume with the same geometry "
+                             f"(now {cfg.batch_size} on {world}) to continue the same data order")
+    elif cfg.overwrite and master:
+        checkpoint.remove_run(cfg.output_dir)
 
     # ---- tokenizers and models
     tokenizers = load_tokenizers(cfg)
@@ -321,24 +274,14 @@ def main(argv: list[str] | None = None) -> dict:
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
     step = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        step = state["step"]
-        position = state["data_position"]
-        if (position["batch_size"], position["world_size"]) != (cfg.batch_size, world):
-            raise SystemExit(f"--resume: {resume_from} was written with --batch-size {position['batch_size']} on "
-                             f"{position['world_size']} process(es); resume with the same geometry "
-                             f"(now {cfg.batch_size} on {world}) to continue the same data order")
+        step = resume_state["step"]
+        optimizer_state = checkpoint.load_optimizer_state(resume_from, resume_state)
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(wrapped, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(wrapped, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        rng = torch.load(os.path.join(resume_from, f"rng_rank{rank}.pt"), weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            optimizer.load_state_dict(optimizer_state)
+        checkpoint.set_rng(os.path.join(resume_from, f"rng_rank{rank}.safetensors"))
         if master:
             print(f"resumed from {resume_from} at step {step}")
 
@@ -346,8 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if master and resume_from and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-        with open(metrics_path) as fh:
-            kept = [line for line in fh if json.loads(line)["step"] <= step]
+        kept = []
+        with open(metrics_path, encoding="utf-8", errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    record_step = json.loads(line)["step"]
+                except (ValueError, TypeError, KeyError):  # blank, or torn by a kill in the middle of a write
+                    warnings.warn(f"{metrics_path} line {number} is not a metrics record: dropped")
+                    continue
+                if record_step <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         with open(metrics_path, "w") as fh:
             fh.writelines(kept)
     metrics = open(metrics_path, "a" if resume_from else "w") if master else None
@@ -410,14 +361,14 @@ def main(argv: list[str] | None = None) -> dict:
         if bar is not None:
             bar.update(1)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            last_saved = save_checkpoint(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank)
+            last_saved = checkpoint.save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank)
     if bar is not None:
         bar.close()
     if metrics is not None:
         metrics.close()
     if distributed:
         dist.destroy_process_group()
-    return {"history": history, "checkpoint": last_saved or (checkpoints(cfg.output_dir) or [None])[-1],
+    return {"history": history, "checkpoint": last_saved or (checkpoint.checkpoints(cfg.output_dir) or [None])[-1],
             "metrics": metrics_path}
 
 
@@ -477,9 +428,9 @@ def load_tokenizers(cfg: Config) -> dict:
     from transformers import AutoTokenizer
     student_path = cfg.student_tokenizer or cfg.student or cfg.teacher
     teacher_path = cfg.teacher_tokenizer or cfg.teacher
-    out = {"student": with_mask_token(AutoTokenizer.from_pretrained(student_path)), "teacher": None}
+    out = {"student": with_mask_token(AutoTokenizer.from_pretrained(student_path, local_files_only=True)), "teacher": None}
     if cfg.needs_teacher:  # the teacher's own mask id comes from its config.json
-        out["teacher"] = AutoTokenizer.from_pretrained(teacher_path)
+        out["teacher"] = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
         if out["teacher"].pad_token is None:
             out["teacher"].pad_token = out["teacher"].eos_token or out["teacher"].unk_token
     return out
@@ -492,7 +443,7 @@ def make_student(cfg: Config, tokenizer, resume_from: str | None, device) -> nn.
         return load_model(resume_from, device=device)
     if cfg.student:
         from transformers import AutoConfig
-        tide_kind = getattr(AutoConfig.from_pretrained(cfg.student), "tide_kind", None)
+        tide_kind = getattr(AutoConfig.from_pretrained(cfg.student, local_files_only=True), "tide_kind", None)
         student = load_model(cfg.student, kind=cfg.student_kind, block_size=cfg.block_size,
                              mask_token_id=mask_id, device=device)
         if tide_kind is None and student.vocab_size < len(tokenizer):  # a plain causal LM: room for the mask
