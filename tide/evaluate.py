@@ -114,13 +114,14 @@ def load_checkpoint(path, *, device="cpu", dtype=None):
 
 
 def trained_seq_len(path) -> int | None:
-    """The `seq_len` a `tide.train` checkpoint was trained with (its trainer_state.pt), else None.
-    Memory-mapped: the optimizer state in the same file is not read."""
-    state_path = os.path.join(os.fspath(path), "trainer_state.pt")
+    """The `seq_len` a `tide.train` checkpoint was trained with (its trainer_state.json), else None.
+    Plain JSON: nothing in a checkpoint is ever unpickled."""
+    state_path = os.path.join(os.fspath(path), "trainer_state.json")
     if not os.path.isfile(state_path):
         return None
-    state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=False)
-    return state.get("config", {}).get("seq_len")
+    with open(state_path, encoding="utf-8") as fh:
+        state = json.load(fh)
+    return state.get("config", {}).get("seq_len") if isinstance(state, dict) else None
 
 
 def load_records(path) -> list:
