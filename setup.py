@@ -35,5 +35,8 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark"],
         # the peers benchmarks/run.py compares against, when they install (never a dependency)
         "peers": ["liger-kernel", "cut-cross-entropy"],
+        "eval": ["lm-eval>=0.4.13"],    # the lm-evaluation-harness model `tide` (tide.harness)
     },
+    # lm-eval has no plugin entry points: this is its command line with the model `tide` registered
+    entry_points={"console_scripts": ["tide-lm-eval = tide.harness:main"]},
 )

@@ -8,3 +8,18 @@ from .losses import (CALMLoss, KLLoss, TIDALLoss, calm_loss, complementary_split
 __all__ = ["tidal_loss", "kl_loss", "token_logprobs", "calm_loss", "complementary_split",
            "TIDALLoss", "KLLoss", "CALMLoss"]
 __version__ = "0.1.0"
+
+
+def _register_with_lm_eval() -> None:
+    """Register the lm-evaluation-harness model `tide` (tide.harness.TideLM) when lm-eval is
+    installed: a lazy placeholder, so `import tide` imports only lm-eval's registry."""
+    import importlib.util
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: it skips them once the registry is non-empty)
+    from lm_eval.api.registry import model_registry
+    if "tide" not in model_registry:
+        model_registry.register("tide", target="tide.harness:TideLM")
+
+
+_register_with_lm_eval()

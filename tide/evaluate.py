@@ -51,7 +51,7 @@ import torch
 
 from tide.losses import token_logprobs
 
-__all__ = ["Result", "InfillResult", "elbo", "infill", "infill_spans", "load_checkpoint", "load_records", "trained_seq_len", "main"]
+__all__ = ["Result", "InfillResult", "elbo", "infill", "infill_spans", "sequence_nelbo", "load_checkpoint", "load_records", "trained_seq_len", "main"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -257,21 +257,59 @@ def elbo(model, data, *, tokenizer, samples: int = 8, seed: int = 0, batch_size:
         raise ValueError(f"data holds {tokens} tokens, shorter than one block (block_size={block}): "
                          "pass more text")
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.mask_token_id
+    per_sample = sequence_nelbo(model, windows, samples=samples, seed=seed, batch_size=batch_size,
+                                pad_id=pad_id, progress=progress, impl=impl)   # [W, K] nats
+    nats = per_sample.mean(dim=1).sum().item()
+    variance = (per_sample.var(dim=1, unbiased=True).sum().item() / samples) if samples > 1 else float("nan")
+    se_nats = math.sqrt(variance) if variance == variance else float("nan")
+    ln2 = math.log(2)
+    return Result(bits_per_byte=nats / ln2 / total_bytes, bits_per_byte_se=se_nats / ln2 / total_bytes,
+                  bits_per_token=nats / ln2 / tokens, bits_per_token_se=se_nats / ln2 / tokens,
+                  nats_per_token=nats / tokens, perplexity_bound=math.exp(nats / tokens), tokens=tokens,
+                  bytes=total_bytes, windows=len(windows), seq_len=seq_len, samples=samples, seed=seed)
+
+
+@torch.no_grad()
+def sequence_nelbo(model, sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], *, samples: int = 8,
+                   seed: int = 0, seeds: Sequence[int] | None = None, batch_size: int = 8, pad_id: int | None = None,
+                   progress: bool = False, impl: str = "auto") -> torch.Tensor:
+    """Monte Carlo samples of the negative ELBO (nats) of each sequence's maskable tokens, given
+    the rest of the sequence (module docstring): `[S, K]` float64, K = samples.
+
+    sequences: `(ids [l] long, maskable [l] bool)` pairs, each at most the model's length
+    (BD3LM: padded to whole blocks here). The masks of sequence s come from a CPU generator
+    seeded by `seeds[s]` (default `seed * 1_000_003 + s`): the result depends on neither the
+    batch size nor the device. pad_id: the id under padding (default: the mask token; padding
+    is hidden from attention either way).
+    """
+    _check_int("samples", samples)
+    _check_int("batch_size", batch_size)
+    if seeds is not None and len(seeds) != len(sequences):
+        raise ValueError(f"seeds must have one seed per sequence ({len(sequences)}), got {len(seeds)}")
+    kind = getattr(model, "kind", None)
+    if kind not in ("bd3lm", "mdlm"):
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    for s, (ids, maskable) in enumerate(sequences):
+        if ids.dim() != 1 or maskable.shape != ids.shape or maskable.dtype != torch.bool:
+            raise ValueError(f"sequences[{s}] must be (ids [l] long, maskable [l] bool), got shapes "
+                             f"{tuple(ids.shape)} and {tuple(maskable.shape)} ({maskable.dtype})")
+    block = model.block_size if kind == "bd3lm" else None
     device = model.lm_head_weight.device
     head_weight = model.lm_head_weight
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and head_weight.dtype == torch.float32 else contextlib.nullcontext())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.mask_token_id
-    per_sample = torch.zeros(len(windows), samples, dtype=torch.float64)  # nats of each (window, mask)
+    pad_id = model.mask_token_id if pad_id is None else pad_id
+    per_sample = torch.zeros(len(sequences), samples, dtype=torch.float64)  # nats of each (sequence, mask)
 
     def rows():
-        for w, (ids, maskable) in enumerate(windows):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + w)
+        for w, (ids, maskable) in enumerate(sequences):
+            gen = torch.Generator().manual_seed(seeds[w] if seeds is not None else seed * 1_000_003 + w)
             masked, weight = _masks(maskable, block or len(ids), samples, gen)
             for k in range(samples):
                 yield w, k, ids, masked[k], weight[k]
 
-    n_batches = -(-len(windows) * samples // batch_size)
+    n_batches = -(-len(sequences) * samples // batch_size)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -290,15 +328,7 @@ def elbo(model, data, *, tokenizer, samples: int = 8, seed: int = 0, batch_size:
             bar.update(1)
     if bar is not None:
         bar.close()
-
-    nats = per_sample.mean(dim=1).sum().item()
-    variance = (per_sample.var(dim=1, unbiased=True).sum().item() / samples) if samples > 1 else float("nan")
-    se_nats = math.sqrt(variance) if variance == variance else float("nan")
-    ln2 = math.log(2)
-    return Result(bits_per_byte=nats / ln2 / total_bytes, bits_per_byte_se=se_nats / ln2 / total_bytes,
-                  bits_per_token=nats / ln2 / tokens, bits_per_token_se=se_nats / ln2 / tokens,
-                  nats_per_token=nats / tokens, perplexity_bound=math.exp(nats / tokens), tokens=tokens,
-                  bytes=total_bytes, windows=len(windows), seq_len=seq_len, samples=samples, seed=seed)
+    return per_sample
 
 
 def _score(model, batch, block, pad_id, head_weight, autocast, impl, per_sample, device):
