@@ -420,7 +420,8 @@ def _record_texts(records) -> list[str]:
 
 @torch.no_grad()
 def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, seed: int = 0,
-           steps: int | None = None, seq_len: int | None = None, progress: bool = True) -> InfillResult:
+           steps: int | None = None, seq_len: int | None = None, batch_size: int = 8,
+           progress: bool = True) -> InfillResult:
     """Mask random character spans of held-out text and fill them with `tide.generate` (greedy).
 
     Each span (`infill_spans`: the same spans for every tokenizer) is tokenized on its own
@@ -429,11 +430,13 @@ def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, see
     The fill is decoded as the continuation of the decoded context and compared with the
     span character by character (`char_accuracy`, comparable across tokenizers) and token by
     token against the span's own tokens (`token_accuracy`). Chat data: assistant contents.
+    steps: denoising steps per block (default one per token); batch_size: spans per generate call.
     """
     from tide.generate import generate
 
     _check_int("spans", spans)
     _check_int("span_chars", span_chars)
+    _check_int("batch_size", batch_size)
     _check_int("seed", seed, low=0)
     if steps is not None:
         _check_int("steps", steps)
@@ -441,30 +444,38 @@ def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, see
     records = _records(data)
     texts = _record_texts(records)
     chosen = infill_spans(texts, spans, span_chars, seed)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(chosen), desc=f"infill ({model.kind})", dynamic_ncols=True, file=sys.stderr)
-    right_chars = right_tokens = all_tokens = exact = 0
+    items = []  # (context ids, span ids, span text)
     for text_index, start, end in chosen:
         text = texts[text_index]
-        truth = text[start:end]
-        truth_ids = tokenizer(truth, add_special_tokens=False)["input_ids"]
+        truth_ids = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
         if len(truth_ids) >= seq_len:
             raise ValueError(f"span_chars={span_chars} gives spans of {len(truth_ids)} tokens, not less than "
                              f"seq_len={seq_len}")
         context_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"][-(seq_len - len(truth_ids)):]
-        filled = generate(model, [context_ids], len(truth_ids), steps=steps, temperature=0.0)[0]
-        context_text = tokenizer.decode(context_ids)
-        full_text = tokenizer.decode(context_ids + list(filled))
-        fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
-                     else tokenizer.decode(filled))
-        right_chars += sum(a == b for a, b in zip(fill_text, truth))
-        right_tokens += sum(a == b for a, b in zip(filled, truth_ids))
-        all_tokens += len(truth_ids)
-        exact += fill_text[:len(truth)] == truth
-        if bar is not None:
-            bar.update(1)
+        items.append((context_ids, truth_ids, text[start:end]))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc=f"infill ({model.kind})", dynamic_ncols=True, file=sys.stderr)
+    right_chars = right_tokens = all_tokens = exact = 0
+    by_length = {}  # spans of n tokens are filled together, batch_size at a time (generate is batch-invariant)
+    for item in items:
+        by_length.setdefault(len(item[1]), []).append(item)
+    for n, group in sorted(by_length.items()):
+        for first in range(0, len(group), batch_size):
+            chunk = group[first:first + batch_size]
+            fills = generate(model, [context for context, _, _ in chunk], n, steps=steps, temperature=0.0)
+            for (context_ids, truth_ids, truth), filled in zip(chunk, fills):
+                context_text = tokenizer.decode(context_ids)
+                full_text = tokenizer.decode(context_ids + list(filled))
+                fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
+                             else tokenizer.decode(filled))
+                right_chars += sum(a == b for a, b in zip(fill_text, truth))
+                right_tokens += sum(a == b for a, b in zip(filled, truth_ids))
+                all_tokens += len(truth_ids)
+                exact += fill_text[:len(truth)] == truth
+            if bar is not None:
+                bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return InfillResult(char_accuracy=right_chars / (spans * span_chars), token_accuracy=right_tokens / all_tokens,
@@ -507,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
         filled = None
         if args.infill:
             filled = infill(model, args.data, tokenizer=tokenizer, spans=args.infill, span_chars=args.span_chars,
-                            seed=args.seed, seq_len=seq_len, progress=not args.quiet)
+                            seed=args.seed, seq_len=seq_len, batch_size=args.batch_size, progress=not args.quiet)
     except ValueError as error:
         parser.error(str(error))
     print(f"{args.checkpoint} ({model.kind}) on {args.data}: {result}")

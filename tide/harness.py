@@ -146,9 +146,10 @@ class TideLM(LM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        generator = torch.Generator(device=self._device).manual_seed(self.seed)
-        for request in tqdm(requests, disable=disable_tqdm, desc="generate (tide)"):
+        """Requests with the same length and temperature go to `tide.generate` together,
+        batch_size at a time (its output does not depend on the batch)."""
+        jobs = []  # (index, prompt ids, max new tokens, temperature, stop strings)
+        for index, request in enumerate(requests):
             context, options = request.args
             options = dict(options or {})
             until = options.pop("until", None) or []
@@ -159,17 +160,28 @@ class TideLM(LM):
                 temperature = 0.0
             if max_new >= self.seq_len:
                 raise ValueError(f"max_gen_toks={max_new} must be smaller than seq_len={self.seq_len}")
-            prompt = self._encode(context)[-(self.seq_len - max_new):]
-            new_ids = generate(self.model, prompt, max_new, steps=self.steps, temperature=temperature,
-                               eos_token_id=self.tokenizer.eos_token_id, generator=generator)
-            text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[:text.index(stop)]
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            out.append(text)
+            jobs.append((index, self._encode(context)[-(self.seq_len - max_new):], max_new, temperature, until))
+        out = [""] * len(requests)
+        bar = tqdm(total=len(jobs), disable=disable_tqdm, desc="generate (tide)")
+        groups = {}
+        for job in jobs:
+            groups.setdefault((job[2], job[3]), []).append(job)
+        for (max_new, temperature), group in groups.items():
+            for first in range(0, len(group), self.batch_size):
+                chunk = group[first:first + self.batch_size]
+                new_ids = generate(self.model, [job[1] for job in chunk], max_new, steps=self.steps,
+                                   temperature=temperature, eos_token_id=self.tokenizer.eos_token_id,
+                                   seed=[self.seed + job[0] for job in chunk])
+                for (index, _, _, _, until), ids in zip(chunk, new_ids):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text[:text.index(stop)]
+                    self.cache_hook.add_partial("generate_until", requests[index].args, text)
+                    out[index] = text
+                bar.update(len(chunk))
+        bar.close()
         return out
-
 
 def _as_int(name: str, value, low: int = 1) -> int:
     try:
