@@ -300,3 +300,30 @@ def test_bad_input_gets_clear_errors():
         align_offsets([(0, 1)], [(2, 1)])
     with pytest.raises(ValueError, match="teacher_max_length"):
         chunk_alignment("abc", toks.byte_bpe(), toks.byte_bpe(), teacher_max_length=-1)
+
+
+def test_composed_characters_attach_to_the_token_before():
+    """NFKC (the test Unigram; Qwen2's NFC alike) reports a composed character's offsets as its
+    first source character only; WordPiece strips accents. The marks and jamo are attached to the
+    token before them, so each chunk covers the same characters on both sides, nothing dropped."""
+    texts = ["cafe\u0301", "cafe\u0301 au lait", "na\u0131\u0308ve e\u0301e\u0301", "\u1112\u1161\u11ab\uae00 x",
+             "a\u0308\u0301b", "x \u0301y"]
+    for teacher_name, student_name in PAIRS:
+        teacher, student = toks.ALL[teacher_name](), toks.ALL[student_name]()
+        for text in texts:
+            al = chunk_alignment(text, teacher, student)
+            for side in (al.teacher_offsets, al.student_offsets):
+                uncovered = set(range(len(text))) - covered(side)
+                assert all(text[p].isspace() or not covered(side) & set(range(p)) or text[p - 1].isspace()
+                           for p in uncovered), (text, side)
+            for t0, t1, s0, s1 in al.chunks:
+                t_chars, s_chars = covered(al.teacher_offsets[t0:t1]), covered(al.student_offsets[s0:s1])
+                strip = lambda chars: "".join(text[p] for p in sorted(chars) if not text[p].isspace())
+                assert strip(t_chars) == strip(s_chars), (text, teacher_name, student_name)
+    al = chunk_alignment("cafe\u0301", toks.byte_bpe(), toks.unigram())
+    assert covered(al.student_offsets) >= {1, 2, 3, 4}  # the mark joins "é"
+
+
+def test_lone_surrogate_is_a_value_error():
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at character 2"):
+        chunk_alignment("ab\ud800c", toks.byte_bpe(), toks.unigram())

@@ -6,8 +6,10 @@ import torch
 
 import tokenizers_for_tests as toks
 from tide.align import special_token_ids
-from tide.data import (DistillationCollator, DistillationDataset, Example, chat_example, load_chat_dataset,
-                       load_texts, render_chat, resolve_mode, text_example)
+from transformers import AutoTokenizer
+
+from tide.data import (DistillationCollator, DistillationDataset, Example, chat_example, check_learnable,
+                       load_chat_dataset, load_text_records, load_texts, render_chat, resolve_mode, text_example)
 
 ANSWER = "The answer is 42, because 6 * 7 = 42."
 WITH_SYSTEM = [
@@ -48,8 +50,37 @@ def assistant_ranges(rendered, messages):
     return [span[:2] for span, m in zip(rendered.content_spans, messages) if m["role"] == "assistant"]
 
 
+def blank(text):
+    return text == "" or text.isspace()
+
+
+def expected_maskable(text, ids, offsets, ranges, special, eos_id):
+    """The rule of tide.data's docstring, written out: content tokens (a character inside an
+    assistant content, the rest template whitespace), then each response's closing tokens
+    (whitespace tokens, the first special token, EOS right after it)."""
+    flags = [False] * len(ids)
+    for lo, hi in ranges:
+        content = [k for k, (s, e) in enumerate(offsets) if ids[k] not in special and s < hi and e > lo
+                   and blank(text[s:lo]) and blank(text[hi:e])]
+        for k in content:
+            flags[k] = True
+        j = content[-1] + 1 if content else next((k for k, (s, _) in enumerate(offsets) if s >= hi), len(ids))
+        closing = []
+        while j < len(ids) and ids[j] not in special and blank(text[offsets[j][0]:offsets[j][1]]):
+            closing.append(j)
+            j += 1
+        if j < len(ids) and ids[j] in special:
+            closing.append(j)
+            while j + 1 < len(ids) and ids[j + 1] == eos_id != ids[closing[-1]]:
+                j += 1
+                closing.append(j)
+            for k in closing:
+                flags[k] = True
+    return flags
+
+
 def check_maskable(example_ids, maskable, messages, tokenizer):
-    """Maskable exactly where a non-special token lies inside an assistant content."""
+    """Maskable exactly as the rule says: assistant content tokens and their closing tokens."""
     rendered = render_chat(messages, tokenizer)
     assert rendered.text == (tokenizer.apply_chat_template(messages, tokenize=False)
                              if tokenizer.chat_template else rendered.text)
@@ -59,17 +90,23 @@ def check_maskable(example_ids, maskable, messages, tokenizer):
     ids, offsets = encode(rendered.text, tokenizer)
     assert example_ids == ids[:len(example_ids)]
     ranges = assistant_ranges(rendered, messages)
-    special = special_token_ids(tokenizer)
+    special = special_token_ids(tokenizer) | {tokenizer.eos_token_id}
+    expected = expected_maskable(rendered.text, ids, offsets, ranges, special, tokenizer.eos_token_id)
     for k, flag in enumerate(maskable):
-        s, e = offsets[k]
-        inside = e > s and any(lo <= s and e <= hi for lo, hi in ranges) and ids[k] not in special
-        assert flag == inside, (k, rendered.text[s:e])
+        assert flag == expected[k], (k, rendered.text[slice(*offsets[k])])
     # the maskable text is the assistant content, not the identical user text before it
     masked_chars = {p for k, flag in enumerate(maskable) if flag for p in range(*offsets[k])}
     first_answer = rendered.text.index(ANSWER) if ANSWER in rendered.text else None
     if first_answer is not None and ranges and ranges[-1][0] != first_answer:
         assert not masked_chars & set(range(first_answer, first_answer + len(ANSWER)))
     return rendered, offsets
+
+
+def clipped_text(rendered, offsets, positions, messages):
+    ranges = assistant_ranges(rendered, messages)
+    start, end = offsets[positions[0]][0], offsets[positions[-1]][1]
+    lo, hi = next((lo, hi) for lo, hi in ranges if start < hi and end > lo)
+    return rendered.text[max(start, lo):min(end, hi)]
 
 
 @pytest.mark.parametrize("messages", [WITH_SYSTEM, WITHOUT_SYSTEM, MULTI_TURN], ids=["system", "no_system", "multi"])
@@ -87,9 +124,17 @@ def test_cross_chat_marks_prompt_and_response_and_chunks_inside_response(message
         # chunks are response only, and cover the same characters (ASCII/CJK/emoji: nothing dropped
         # except NFKC-free text; compare the covered text with whitespace removed for Metaspace)
         assert all(ex.student_maskable[k] for k in s_pos) and all(ex.teacher_maskable[k] for k in t_pos)
-        s_text = s_render.text[s_off[s_pos[0]][0]:s_off[s_pos[-1]][1]]
-        t_text = t_render.text[t_off[t_pos[0]][0]:t_off[t_pos[-1]][1]]
+        s_special = [ex.student_input_ids[k] in special_token_ids(chatml_bpe) for k in s_pos]
+        t_special = [ex.teacher_input_ids[k] in special_token_ids(system_unigram) for k in t_pos]
+        if any(s_special) or any(t_special):  # a closing chunk: end-of-turn marker on both sides
+            assert s_special[-1] and t_special[-1]
+            continue
+        # a content chunk: the same content characters (tokens clipped to the assistant contents)
+        s_text = clipped_text(s_render, s_off, s_pos, messages)
+        t_text = clipped_text(t_render, t_off, t_pos, messages)
         assert s_text == t_text, (s_text, t_text)
+    # every assistant turn's end-of-turn marker is trained and chunked
+    assert ex.num_chunks >= sum(m["role"] == "assistant" for m in messages)
     # most of the response is chunked (only chunks touching template text are dropped)
     chunked = sum(x >= 0 for x in ex.student_chunk_ids)
     assert chunked >= 0.6 * sum(ex.student_maskable)
@@ -117,6 +162,7 @@ def test_aligned_mode_pairs_point_at_equal_ids(chatml_bpe, system_bpe):
     # differently: here the first token of each answer (ChatML "\nHello" vs "### Assistant: Hello")
     paired = {s for s, _ in ex.aligned_pairs}
     unpaired = {k for k, m in enumerate(ex.student_maskable) if m} - paired
+    unpaired -= {k for k in unpaired if ex.student_input_ids[k] in special_token_ids(chatml_bpe)}  # <|im_end|>
     starts = {min(k for k in range(len(s_off)) if s_off[k][0] >= span[0])
               for span, m in zip(s_render.content_spans, MULTI_TURN) if m["role"] == "assistant"}
     assert unpaired <= starts
@@ -304,16 +350,22 @@ def test_random_conversations_chunks_cover_the_same_content(student_name, teache
             place = []
             for s, e in offsets:
                 where = None
-                for k, span in enumerate(rendered.content_spans):
-                    if span and span[0] <= s and e <= span[1]:
-                        where = (k, s - span[0] + span[2], e - span[0] + span[2])
+                for k, span in enumerate(rendered.content_spans):  # clipped to the content
+                    if span and (span[0] < e and s < span[1] or span[0] <= s == e < span[1]):
+                        where = (k, max(s, span[0]) - span[0] + span[2], min(e, span[1]) - span[0] + span[2])
                 place.append(where)
             covered_by_message = {}
             for where in place:
                 if where:
                     covered_by_message.setdefault(where[0], set()).update(range(where[1], where[2]))
             sides[side] = (place, chunk_ids, covered_by_message)
+        s_special, t_special = special_token_ids(student), special_token_ids(teacher)
         for c in range(ex.num_chunks):
+            s_ids = [i for i, x in zip(ex.student_input_ids, ex.student_chunk_ids) if x == c]
+            t_ids = [i for i, x in zip(ex.teacher_input_ids, ex.teacher_chunk_ids) if x == c]
+            if s_ids[-1] in s_special or t_ids[-1] in t_special:  # a closing chunk: markers on both sides
+                assert s_ids[-1] in s_special and t_ids[-1] in t_special
+                continue
             chars, message = {}, set()
             for side, (place, chunk_ids, _) in sides.items():
                 members = [place[k] for k, x in enumerate(chunk_ids) if x == c]
@@ -346,3 +398,185 @@ def test_load_chat_dataset_from_datasets_objects():
         load_chat_dataset("/nonexistent/chat.jsonl")
     with pytest.raises(ValueError, match="neither a file nor a folder"):
         load_texts("/nonexistent/folder")
+
+
+# ------------------------------------------------------------------------------ what the student learns
+
+def test_end_of_turn_and_eos_are_trained_and_chunked(chatml_bpe, system_unigram, system_bpe):
+    """The assistant turn's end-of-turn marker is maskable on both sides and forms its own chunk;
+    plain text ends with a maskable EOS, chunked across tokenizers too."""
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    for teacher, mode in ((system_unigram, "cross"), (system_bpe, "aligned"), (None, "shared")):
+        ex = chat_example(messages, student_tokenizer=chatml_bpe, teacher_tokenizer=teacher)
+        s_tokens = chatml_bpe.convert_ids_to_tokens(ex.student_input_ids)
+        im_end = len(s_tokens) - 1 - s_tokens[::-1].index("<|im_end|>")
+        assert ex.student_maskable[im_end] and sum(ex.student_maskable) == 2  # "4", "<|im_end|>"
+        if mode == "shared":
+            continue
+        t_tokens = teacher.convert_ids_to_tokens(ex.teacher_input_ids)
+        eot = len(t_tokens) - 1 - t_tokens[::-1].index("<|eot|>")
+        assert ex.teacher_maskable[eot] and t_tokens[eot - 1].endswith("4")
+        assert ex.student_chunk_ids[im_end] == ex.teacher_chunk_ids[eot] == ex.num_chunks - 1 >= 1
+    for teacher in (toks.unigram(), toks.byte_bpe_trimmed(), None):
+        ex = text_example("hello world", student_tokenizer=toks.byte_bpe(), teacher_tokenizer=teacher)
+        assert ex.student_input_ids[-1] == toks.byte_bpe().eos_token_id and all(ex.student_maskable)
+        if teacher is not None:
+            assert ex.teacher_input_ids[-1] == teacher.eos_token_id and all(ex.teacher_maskable)
+            assert ex.student_chunk_ids[-1] == ex.teacher_chunk_ids[-1] == ex.num_chunks - 1
+    piece = text_example("hello", student_tokenizer=toks.byte_bpe(), add_eos=False)
+    assert toks.byte_bpe().eos_token_id not in piece.student_input_ids
+    # the plain template (no chat template) writes EOS after assistant contents
+    plain = chat_example(messages, student_tokenizer=toks.byte_bpe())
+    assert plain.student_input_ids[plain.student_maskable.index(True) + 1] == toks.byte_bpe().eos_token_id
+
+
+def test_first_word_after_template_space_is_trained():
+    """`"Assistant: "` + `"4"` gives `" 4"`; `"[/INST] "` + `"Qu"` gives `"▁Qu"` (Metaspace):
+    a token whose characters outside the content are template whitespace belongs to the content."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "return 4"}]
+    plain = toks.byte_bpe()
+    mistral = toks.with_template(toks.unigram(), (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}"))
+    for tok, first in ((plain, "Ġreturn"), (mistral, "▁return")):
+        ex = chat_example(messages, student_tokenizer=tok, teacher_tokenizer=toks.wordpiece())
+        tokens = tok.convert_ids_to_tokens(ex.student_input_ids)
+        assert first in tokens and ex.student_maskable[tokens.index(first)], tokens
+        # distilled too: the first word is in a chunk with the teacher's "4"
+        c = ex.student_chunk_ids[tokens.index(first)]
+        assert c >= 0
+        t_tokens = toks.wordpiece().convert_ids_to_tokens(ex.teacher_input_ids)
+        assert [t for t, x in zip(t_tokens, ex.teacher_chunk_ids) if x == c] == ["return"]
+    # template text that is not whitespace still keeps a token out
+    glued = toks.with_template(toks.byte_bpe(), "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n"
+                                                "{% endfor %}")
+    ex = chat_example([{"role": "user", "content": "x"}, {"role": "assistant", "content": "ab"}],
+                      student_tokenizer=glued)
+    rendered = render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": "ab"}], glued)
+    ids, offsets = encode(rendered.text, glued)
+    start = rendered.content_spans[1][0]
+    for k, flag in enumerate(ex.student_maskable):
+        if offsets[k][0] < start:
+            assert not flag
+
+
+def test_mode_is_resolved_once_per_tokenizer_pair(monkeypatch):
+    student, teacher = toks.byte_bpe(), toks.unigram()
+    calls = []
+    for tok in (student, teacher):
+        original = tok.get_vocab
+        monkeypatch.setattr(tok, "get_vocab", lambda original=original: calls.append(1) or original())
+    same_size = toks.byte_bpe_trimmed()
+    original = same_size.get_vocab
+    monkeypatch.setattr(same_size, "get_vocab", lambda: calls.append(1) or original())
+    for _ in range(5):
+        text_example("abc", student_tokenizer=student, teacher_tokenizer=same_size)
+        text_example("abc", student_tokenizer=same_size, teacher_tokenizer=student)
+    assert len(calls) <= 4  # two vocabularies, compared once per ordered pair
+
+
+def test_lone_surrogate_is_a_library_error_naming_the_example():
+    dataset = DistillationDataset(["fine", "bad \ud800 text"], student_tokenizer=toks.byte_bpe(),
+                                  teacher_tokenizer=toks.unigram())
+    dataset[0]
+    with pytest.raises(ValueError, match=r"records\[1\].*surrogate"):
+        dataset[1]
+    with pytest.raises(ValueError, match="surrogate"):
+        chat_example([{"role": "assistant", "content": "\udfff"}], student_tokenizer=toks.byte_bpe())
+
+
+def test_example_truncated_matches_building_with_max_lengths(chatml_bpe, system_unigram):
+    full = chat_example(MULTI_TURN, student_tokenizer=chatml_bpe, teacher_tokenizer=system_unigram)
+    for s_len, t_len in ((None, None), (10, None), (None, 25), (17, 30), (len(full.student_input_ids), 3)):
+        cut = chat_example(MULTI_TURN, student_tokenizer=chatml_bpe, teacher_tokenizer=system_unigram,
+                           student_max_length=s_len, teacher_max_length=t_len)
+        assert full.truncated(s_len, t_len) == cut
+
+
+# ------------------------------------------------------------------------------ hardening: bad data
+
+def test_bad_chat_rows_are_named_with_file_and_row(tmp_path):
+    good = {"messages": WITHOUT_SYSTEM}
+    bad_rows = [({"messages": [{"content": "no role"}, {"role": "assistant", "content": "a"}]}, r"role"),
+                ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant"),
+                ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},
+                 "must be str"),
+                ({"messages": "not a list"}, "must be a list")]
+    for k, (bad, message) in enumerate(bad_rows):
+        path = tmp_path / f"chat{k}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in [good, good, bad, good]) + "\n", encoding="utf-8")
+        with pytest.raises((TypeError, ValueError), match=rf"chat{k}\.jsonl, row 2: .*{message}"):
+            load_chat_dataset(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_binary_file_in_data_is_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("fine\n", encoding="utf-8")
+    (tmp_path / "docs" / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00\x00binary")
+    with pytest.raises(ValueError, match=r"b\.txt is not UTF-8"):
+        load_texts(tmp_path / "docs")
+    (tmp_path / "chat.jsonl").write_bytes(b"\xff\xfe\x00\x01\x02" * 10)
+    with pytest.raises(ValueError, match=r"chat\.jsonl is not a UTF-8"):
+        load_chat_dataset(tmp_path / "chat.jsonl", cache_dir=str(tmp_path / "cache"))
+
+
+def test_collator_rejects_a_shortened_maskable_and_negative_ids():
+    collate = DistillationCollator(0, 0)
+    ex = Example([1, 2, 3], [1, 2, 3], [True] * 3, [True] * 3, [-1] * 3, [-1] * 3)
+    ex.student_maskable = [True]  # mutated after construction: would broadcast
+    with pytest.raises(ValueError, match=r"examples\[0\]\.student_maskable has length 1"):
+        collate([ex])
+    ex = Example([1, 2, 3], [1, 2, 3], [True] * 3, [True] * 3, [-1] * 3, [-1] * 3)
+    ex.teacher_input_ids[1] = -5
+    with pytest.raises(ValueError, match=r"examples\[0\]\.teacher_input_ids holds a negative token id"):
+        collate([ex])
+    with pytest.raises(ValueError, match="negative token id"):
+        Example([-1], [1], [True], [True], [-1], [-1])
+
+
+def test_check_learnable_fails_when_none_and_warns_when_few():
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    tok = toks.with_template(toks.byte_bpe(), toks.CHATML_TEMPLATE)
+    none = DistillationDataset([long_prompt] * 3, student_tokenizer=tok, student_max_length=32)
+    with pytest.raises(ValueError, match="none of 3 examples has a maskable"):
+        check_learnable(none)
+    few = DistillationDataset([long_prompt] * 3 + [short], student_tokenizer=tok, student_max_length=32)
+    with pytest.warns(UserWarning, match=r"only 1 of 4 examples \(25\.0%\)"):
+        assert check_learnable(few) == 0.25
+    assert check_learnable(DistillationDataset([short] * 2, student_tokenizer=tok, student_max_length=32)) == 1.0
+
+
+# ------------------------------------------------------------------------------ offline preprocessing
+
+def test_prepare_writes_arrow_examples_equal_to_the_dataset(tmp_path, chatml_bpe, system_unigram):
+    from tide.data import PreparedDataset, main as data_main
+
+    chatml_bpe.save_pretrained(tmp_path / "student")
+    system_unigram.save_pretrained(tmp_path / "teacher")
+    student = AutoTokenizer.from_pretrained(tmp_path / "student")
+    teacher = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": m}) for m in (WITH_SYSTEM, MULTI_TURN) * 3), encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("line one\nline two\n" * 40, encoding="utf-8")
+    for data, out in ((chat, "chat_out"), (tmp_path / "docs", "text_out")):
+        data_main(["prepare", "--data", str(data), "--student-tokenizer", str(tmp_path / "student"),
+                   "--teacher-tokenizer", str(tmp_path / "teacher"), "--out", str(tmp_path / out),
+                   "--seq-len", "32"])
+        prepared = PreparedDataset(tmp_path / out, student_tokenizer=student, teacher_tokenizer=teacher,
+                                   mode="cross", student_max_length=32, teacher_max_length=40)
+        records = (load_chat_dataset(chat, cache_dir=str(tmp_path / "cache")) if out == "chat_out" else
+                   load_text_records(tmp_path / "docs", max_chars=128))
+        built = DistillationDataset(records, student_tokenizer=student, teacher_tokenizer=teacher,
+                                    student_max_length=32, teacher_max_length=40)
+        assert len(prepared) == len(built) > 1
+        assert [prepared[i] for i in range(len(built))] == [built[i] for i in range(len(built))]
+        assert prepared.learnable_flags() == [any(built[i].student_maskable) for i in range(len(built))]
+    whole = PreparedDataset(tmp_path / "text_out", student_tokenizer=student, teacher_tokenizer=teacher)
+    eos = [whole[i].student_input_ids[-1] == student.eos_token_id for i in range(len(whole))]
+    assert eos[-1] and not any(eos[:-1])  # EOS only where the document ends (untruncated pieces)
+    with pytest.raises(ValueError, match="another teacher tokenizer"):
+        PreparedDataset(tmp_path / "chat_out", student_tokenizer=student, teacher_tokenizer=student)
+    with pytest.raises(ValueError, match="mode 'cross'"):
+        PreparedDataset(tmp_path / "chat_out", student_tokenizer=student, teacher_tokenizer=teacher, mode="aligned")

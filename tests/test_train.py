@@ -226,3 +226,32 @@ def test_demo_pipeline_runs(tmp_path, monkeypatch, capsys):
     assert "on fixed batches" in printed and "checkpoint:" in printed
     assert os.path.exists(os.path.join(result["student"]["checkpoint"], "model.safetensors"))
     assert all(v > 0 for v in result["fixed_batch_distill"])
+
+
+def test_data_that_cannot_learn_fails_before_any_model_is_built(assets, tmp_path, monkeypatch):
+    """Prompts longer than --seq-len leave no maskable token: an error before models are built."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": "word " * 100},
+                                      {"role": "assistant", "content": "ok"}]}) for _ in range(8)]
+    (tmp_path / "long.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was built before the data was checked")
+    monkeypatch.setattr("tide.train.make_student", no_models)
+    monkeypatch.setattr("tide.train.load_model", no_models)
+    with pytest.raises(SystemExit, match="none of 8 examples has a maskable"):
+        main(tiny(tmp_path / "out", method="ce", data=str(tmp_path / "long.jsonl"),
+                  **{"student-tokenizer": assets["tok_teacher"]}))
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_train_reads_a_prepared_folder(assets, tmp_path):
+    from tide.data import main as data_main
+    data_main(["prepare", "--data", assets["chat"], "--student-tokenizer", assets["tok_student"],
+               "--teacher-tokenizer", assets["tok_teacher"], "--out", str(tmp_path / "prepared")])
+    kw = {"method": "reverse_calm", "pipeline": "cross", "teacher": assets["mdlm"], "data": str(tmp_path / "prepared"),
+          "student-tokenizer": assets["tok_student"], "teacher-seq-len": 40}
+    record = main(tiny(tmp_path / "out", **kw))["history"][-1]
+    assert record["step"] == 1 and record["distill"] > 0
+    with pytest.raises(SystemExit, match="prepared with mode .cross. .asked: .shared.*another student tokenizer"):
+        main(tiny(tmp_path / "out2", **{**kw, "student-tokenizer": assets["tok_teacher"], "pipeline": "shared",
+                                        "method": "tidal"}))

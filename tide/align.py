@@ -20,8 +20,17 @@ accent stripping or NFKC):
    token intervals `(start, end)`. So the positions where *both* tokenizations
    have a boundary are exactly the chunk boundaries (minimality), and each
    non-empty token lies in exactly one component.
-3. Characters covered by no token of a side (whitespace that WordPiece drops,
-   a combining mark that NFKC composed away, text a template stripped) belong
+3. Composed characters: a normalizer that composes characters (NFC/NFKC:
+   Qwen2/Qwen3, XLM-R; `e` + U+0301 -> `é`, Hangul jamo -> a syllable) reports
+   the composed character's offsets as its *first* source character only, so
+   the trailing combining marks or jamo look covered by no token.
+   `encode_with_offsets` therefore attaches every uncovered non-whitespace
+   character to the token(s) covering the character before it (their end
+   moves past it; a run of such characters attaches as a whole). Accents that
+   a normalizer strips (WordPiece) are attached the same way. Uncovered
+   characters with nothing covered before them stay uncovered.
+   Characters still covered by no token of a side (whitespace that WordPiece
+   drops, text a template stripped) belong
    to no token of that side; they lie between chunks or inside a chunk's span.
    Inside one chunk's span `[lo, hi)` each side covers every character except
    the ones that side covers nowhere: "the same characters" means equal modulo
@@ -53,7 +62,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Alignment", "align_offsets", "chunk_alignment", "encode_with_offsets", "special_token_ids"]
+__all__ = ["Alignment", "align_offsets", "check_unicode", "chunk_alignment", "encode_with_offsets",
+           "special_token_ids"]
 
 Chunk = tuple[int, int, int, int]  # (teacher_start, teacher_end, student_start, student_end)
 
@@ -123,7 +133,10 @@ def special_token_ids(tokenizer) -> frozenset[int]:
 def encode_with_offsets(text: str, tokenizer, name: str = "tokenizer"):
     """`(ids, offsets)` of `text` with no special tokens added; offsets index `text`.
 
-    Raises TypeError naming `name` when the tokenizer is not a fast (offset-giving) one.
+    Uncovered non-whitespace characters (composed away by NFC/NFKC, stripped
+    accents) are attached to the token before them (module docstring, rule 3).
+    Raises TypeError naming `name` when the tokenizer is not a fast (offset-giving)
+    one, and ValueError when `text` is not valid Unicode (a lone surrogate).
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
@@ -131,11 +144,51 @@ def encode_with_offsets(text: str, tokenizer, name: str = "tokenizer"):
         raise TypeError(f"{name} must be a Hugging Face fast tokenizer (PreTrainedTokenizerFast): "
                         f"character offsets (return_offsets_mapping) are needed, got "
                         f"{type(tokenizer).__name__}")
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                         return_attention_mask=False, return_token_type_ids=False)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                             return_attention_mask=False, return_token_type_ids=False)
+    except TypeError:
+        check_unicode(text)
+        raise
     ids = list(encoding["input_ids"])
     offsets = [tuple(o) for o in encoding["offset_mapping"]]
-    return ids, offsets
+    return ids, _attach_uncovered(text, offsets)
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """Raise ValueError naming `what` when `text` holds a lone surrogate (not valid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start} (decode the source with errors='replace' or drop it)") from None
+
+
+def _attach_uncovered(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Rule 3: each uncovered non-whitespace character joins the token(s) ending right before it."""
+    n = len(text)
+    if not offsets or n == 0:
+        return offsets
+    array = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    depth = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(depth, np.minimum(array[:, 0], n), 1)
+    np.add.at(depth, np.minimum(array[:, 1], n), -1)
+    uncovered = np.flatnonzero(np.cumsum(depth[:n]) == 0)
+    if len(uncovered) == 0:
+        return offsets
+    ends = array[:, 1].copy()
+    nonempty = array[:, 1] > array[:, 0]
+    changed = False
+    for p in uncovered.tolist():
+        if p == 0 or text[p].isspace():
+            continue
+        before = np.flatnonzero(nonempty & (ends == p))  # tokens covering character p - 1 (end exactly p)
+        if len(before):
+            ends[before] = p + 1
+            changed = True
+    if not changed:
+        return offsets
+    return list(zip(array[:, 0].tolist(), ends.tolist()))
 
 
 def chunk_alignment(text: str, teacher_tokenizer, student_tokenizer, *,

@@ -228,8 +228,14 @@ def main(argv: list[str] | None = None) -> dict:
     elif cfg.overwrite and master:
         checkpoint.remove_run(cfg.output_dir)
 
-    # ---- tokenizers and models
+    # ---- tokenizers, then the data (checked before any model is built)
     tokenizers = load_tokenizers(cfg)
+    dataset, collate = build_data(cfg, tokenizers)
+    if len(dataset) < cfg.batch_size * world:
+        raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
+                         f"({cfg.batch_size} x {world}): add data or lower --batch-size")
+
+    # ---- models
     teacher = None
     if cfg.needs_teacher:
         teacher = load_model(cfg.teacher, kind=cfg.teacher_kind or None, device=device,
@@ -241,12 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     student.config.pad_token_id = tokenizers["student"].pad_token_id
     check_pair(cfg, student, teacher, tokenizers)
 
-    # ---- data: the dataset in a fixed order per epoch; position = micro-batches consumed
-    dataset, collate = build_data(cfg, tokenizers)
-    if len(dataset) < cfg.batch_size * world:
-        raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
-                         f"({cfg.batch_size} x {world}): add data or lower --batch-size")
-
+    # ---- data order: the dataset in a fixed order per epoch; position = micro-batches consumed
     def micro_batch(index: int) -> dict:
         """Global micro-batch `index`; this rank takes its slice of it."""
         per_epoch = len(dataset) // (cfg.batch_size * world)
@@ -407,21 +408,32 @@ def teacher_length(cfg: Config) -> int:
 
 
 def build_data(cfg: Config, tokenizers: dict):
-    """`tide.data` examples for both tokenizers, and its collator.
+    """`tide.data` examples for both tokenizers, and its collator; every chat row checked, and
+    the examples with a maskable token counted (none: an error), before anything trains.
 
-    `--data`: a .jsonl/.json chat file (a "messages" column), or a text file / folder of
-    .txt/.md/.py files cut at line ends into pieces of about 4 characters per student token.
+    `--data`: a folder written by `python -m tide.data prepare`, a .jsonl/.json chat file (a
+    "messages" column), or a text file / folder of .txt/.md/.py files cut at line ends into
+    pieces of about 4 characters per student token.
     """
-    from tide.data import DistillationCollator, DistillationDataset, load_chat_dataset, load_texts
-    if cfg.data.endswith((".jsonl", ".json")):
-        records = load_chat_dataset(cfg.data)
-    else:
-        records = load_texts(cfg.data, suffixes=(".txt", ".md", ".py"), max_chars=4 * cfg.seq_len)
+    from tide import data
     mode = cfg.pipeline if cfg.needs_teacher else "shared"
     teacher_tok = tokenizers["teacher"] if mode != "shared" else None
-    dataset = DistillationDataset(records, student_tokenizer=tokenizers["student"], teacher_tokenizer=teacher_tok,
-                                  mode=mode, student_max_length=cfg.seq_len, teacher_max_length=teacher_length(cfg))
-    return dataset, DistillationCollator.for_tokenizers(tokenizers["student"], teacher_tok)
+    lengths = dict(student_max_length=cfg.seq_len, teacher_max_length=teacher_length(cfg))
+    try:
+        if data.is_prepared(cfg.data):
+            dataset = data.PreparedDataset(cfg.data, student_tokenizer=tokenizers["student"],
+                                           teacher_tokenizer=teacher_tok, mode=mode, **lengths)
+        else:
+            if cfg.data.endswith((".jsonl", ".json")):
+                records = data.load_chat_dataset(cfg.data)
+            else:
+                records = data.load_text_records(cfg.data, suffixes=(".txt", ".md", ".py"), max_chars=4 * cfg.seq_len)
+            dataset = data.DistillationDataset(records, student_tokenizer=tokenizers["student"],
+                                               teacher_tokenizer=teacher_tok, mode=mode, **lengths)
+        data.check_learnable(dataset)
+    except ValueError as error:
+        raise SystemExit(f"--data {cfg.data}: {error}") from None
+    return dataset, data.DistillationCollator.for_tokenizers(tokenizers["student"], teacher_tok)
 
 
 def load_tokenizers(cfg: Config) -> dict:
