@@ -265,9 +265,11 @@ def method_command(scale: Scale, method: Method, seed: int, start: str, teachers
     return cmd
 
 
-def evaluate_command(checkpoint: str, heldout: str, scale: Scale, out_json: str, device: str) -> list[str]:
+def evaluate_command(checkpoint: str, heldout: str, scale: Scale, seq_len: int, out_json: str,
+                     device: str) -> list[str]:
+    """Windows of the model's own training length; the same evaluation seed (masks, spans) for all."""
     return ["tide.evaluate", "--checkpoint", checkpoint, "--data", heldout, "--samples", str(scale.eval_samples),
-            "--seed", "0", "--batch-size", "32", "--infill", str(scale.infill_spans), "--json", out_json,
+            "--seed", "0", "--batch-size", "32", "--seq-len", str(seq_len), "--infill", str(scale.infill_spans), "--json", out_json,
             "--device", device, "--quiet"]
 
 
@@ -339,11 +341,17 @@ def finished_at(folder: str) -> str:
     return read_json(os.path.join(folder, "done.json"))["finished"]
 
 
+def output_of(folder: str) -> str:
+    """The trainer's --output-dir inside a run folder (next to the run's log, stamp and evaluations)."""
+    return os.path.join(folder, "train")
+
+
 def checkpoint_of(folder: str) -> str:
-    names = [n for n in os.listdir(folder) if n.startswith("checkpoint-") and n[11:].isdigit()]
+    out = output_of(folder)
+    names = [n for n in os.listdir(out) if n.startswith("checkpoint-") and n[11:].isdigit()] if os.path.isdir(out) else []
     if not names:
-        raise RuntimeError(f"{folder} holds no checkpoint")
-    return os.path.join(folder, max(names, key=lambda n: int(n[11:])))
+        raise RuntimeError(f"{out} holds no checkpoint")
+    return os.path.join(out, max(names, key=lambda n: int(n[11:])))
 
 
 def read_json(path: str) -> dict:
@@ -353,7 +361,7 @@ def read_json(path: str) -> dict:
 
 def read_curve(folder: str) -> list[tuple[int, float]]:
     """Held-out bits per byte logged during training (`--eval-data`), as (step, value)."""
-    path = os.path.join(folder, "metrics.jsonl")
+    path = os.path.join(output_of(folder), "metrics.jsonl")
     points = []
     if os.path.exists(path):
         with open(path) as fh:
@@ -564,17 +572,18 @@ def parameters(checkpoint: str) -> int:
     return sum(p.numel() for p in load_model(checkpoint).parameters())
 
 
-def environment(jobs: int) -> dict:
+def environment() -> dict:
+    """Date, commit, machine and versions (benchmarks.run's record, plus the libraries used here)."""
     import tokenizers
     import torch
     import transformers
 
     from benchmarks.run import machine
-    info = machine()
-    info.update(transformers=transformers.__version__, tokenizers=tokenizers.__version__,
-                machine=f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".replace("  ", " "),
-                load_start=" ".join(f"{x:.2f}" for x in os.getloadavg()), torch=torch.__version__)
-    return info
+    info = machine(threads=1)  # every run here uses one torch thread
+    return {"date": info["date"], "commit": info["commit"], "python": platform.python_version(),
+            "machine": f"{info.get('cpu') or platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+            "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 # --------------------------------------------------------------------------- main
@@ -618,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(work, exist_ok=True)
     command = "python -m benchmarks.replication " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.time()
-    info = environment(args.jobs)
+    info = environment()
     log_lines = []
 
     def log(message: str) -> None:
@@ -633,10 +642,10 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"corpus: train {corpus['train']['chars']} chars / held-out {corpus['heldout']['chars']} chars; tokenizers trained")
     train, heldout, curve = (os.path.join(work, "corpus", k) for k in ("train", "heldout", "curve"))
 
-    def evaluate(folder: str) -> dict:
+    def evaluate(folder: str, seq_len: int = scale.seq_len) -> dict:
         """Held-out result of the run in `folder`, cached per evaluation command (a rerun of the
         training empties the folder)."""
-        cmd = evaluate_command(checkpoint_of(folder), heldout, scale, "OUT", args.device)
+        cmd = evaluate_command(checkpoint_of(folder), heldout, scale, seq_len, "OUT", args.device)
         out = os.path.join(folder, "heldout-" + hashlib.sha256(json.dumps(cmd).encode()).hexdigest()[:8] + ".json")
         if not os.path.exists(out):
             runner([out if c == "OUT" else c for c in cmd], os.path.join(folder, "log.txt"))
@@ -652,10 +661,10 @@ def main(argv: list[str] | None = None) -> dict:
     start_dir = os.path.join(work, "start")
     stages = {
         "shared": (teacher_dirs["shared"], teacher_command(scale, "shared", tokenizers["student"]["path"], train,
-                                                           teacher_dirs["shared"], args.device), False),
+                                                           output_of(teacher_dirs["shared"]), args.device), False),
         "cross": (teacher_dirs["cross"], teacher_command(scale, "cross", tokenizers["cross"]["path"], train,
-                                                         teacher_dirs["cross"], args.device), False),
-        "start": (start_dir, start_command(scale, tokenizers["student"]["path"], train, start_dir, args.device),
+                                                         output_of(teacher_dirs["cross"]), args.device), False),
+        "start": (start_dir, start_command(scale, tokenizers["student"]["path"], train, output_of(start_dir), args.device),
                   args.fresh),
     }
     needed = {"start"} | {m.teacher for m in methods if m.teacher}
@@ -663,7 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
     def stage(key):
         folder, cmd, fresh = stages[key]
         cached_run(runner, folder, cmd, inputs, fresh)
-        return evaluate(folder)
+        return evaluate(folder, scale.cross_seq_len if key == "cross" else scale.seq_len)
 
     order = [k for k in ("cross", "start", "shared") if k in needed]  # the longest first
     references = dict(zip(order, in_parallel([lambda k=k: stage(k) for k in order], args.jobs)))
@@ -688,7 +697,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def one_run(method: Method, seed: int) -> tuple[str, int, dict, list]:
         folder = os.path.join(work, "runs", f"{slug(method.name)}-seed{seed}")
-        cmd = method_command(scale, method, seed, start, teachers, tokenizers, train, curve, folder, args.device)
+        cmd = method_command(scale, method, seed, start, teachers, tokenizers, train, curve, output_of(folder),
+                             args.device)
         cached_run(runner, folder, cmd, run_inputs, args.fresh)
         return method.name, seed, evaluate(folder), read_curve(folder)
 
