@@ -8,8 +8,10 @@ before any model is built, with a message that says what to change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import math
 import os
 import re
 import typing
@@ -108,11 +110,14 @@ def _field_help() -> dict[str, str]:
     return helps
 
 
+_BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
 def _parse_bool(text: str) -> bool:
     low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
+    if low in _BOOL_WORDS[:4]:
         return True
-    if low in ("0", "false", "no", "off"):
+    if low in _BOOL_WORDS[4:]:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
@@ -139,6 +144,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def coerce(key: str, kind, value):
+    """A YAML value as the field's type, read the way the command line reads it
+    (`"false"` -> False, `"1e-4"` -> 1e-4, `4.0` -> 4); anything else is a SystemExit naming the key."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _parse_bool(value)
+        expected = "true or false"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return int(value.strip())
+        expected = "an integer"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return float(value.strip())
+        expected = "a number"
+    else:
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    raise SystemExit(f"config error: {key}: expected {expected}, got {value!r}")
+
+
 def load_config(argv: list[str] | None = None) -> Config:
     """defaults < YAML (`--config`) < command-line options."""
     args = vars(build_parser().parse_args(argv))
@@ -148,21 +185,46 @@ def load_config(argv: list[str] | None = None) -> Config:
         if not os.path.isfile(path):
             raise SystemExit(f"config file {path!r} not found")
         with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
-        names = {f.name for f in dataclasses.fields(Config)}
-        unknown = sorted(set(k.replace("-", "_") for k in values) - names)
+            loaded = yaml.safe_load(fh)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"config error: {path} must be a mapping of option: value, got {type(loaded).__name__} "
+                             f"{loaded!r}"[:300])
+        fields = {f.name: _field_type(f) for f in dataclasses.fields(Config)}
+        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise SystemExit(f"{path}: unknown option(s) {unknown}; see `python -m tide.train --help`")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = {k: coerce(f"{path}: {k}", fields[k], v) for k, v in values.items()}
     values.update(args)
     return Config(**values)
 
 
 def check(cfg: Config) -> None:
-    """Fail before training with a message that says what to change."""
+    """Fail before anything is built, with a message that says what to change. Every field has a
+    range here (NaN fails every comparison, so ranges are written as `not low <= x <= high`)."""
     def fail(message):
         raise SystemExit(f"config error: {message}")
 
+    def number(name, low=None, high=None, *, low_open=False, high_open=False, finite=True):
+        """`--name` within [low, high] (open ends where asked) and finite."""
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        inside = (low is None or (value > low if low_open else value >= low)) and \
+                 (high is None or (value < high if high_open else value <= high))
+        if not inside or (finite and not math.isfinite(value)):
+            span = f"{'(' if low_open else '['}{'-inf' if low is None else low}, " \
+                   f"{'inf' if high is None else high}{')' if high_open or high is None else ']'}"
+            fail(f"{flag} must be {'finite and ' if finite else ''}in {span}, got {value}")
+
+    def choice(name, choices):
+        value = getattr(cfg, name)
+        if value not in choices:
+            fail(f"unknown --{name.replace('_', '-')} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+    # --- run
+    if not cfg.output_dir:
+        fail("--output-dir is empty: pass a directory for metrics.jsonl and the checkpoints")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite contradict each other: continue the run in --output-dir, or replace it")
     if cfg.allow_config_change and not cfg.resume:
@@ -170,10 +232,24 @@ def check(cfg: Config) -> None:
     if not cfg.resume and not cfg.overwrite and os.path.isdir(cfg.output_dir) and os.listdir(cfg.output_dir):
         fail(f"--output-dir {cfg.output_dir!r} is not empty: pass --resume to continue the run there, "
              f"--overwrite to replace it, or another --output-dir")
-    if cfg.method not in METHODS:
-        fail(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.pipeline not in PIPELINES:
-        fail(f"unknown --pipeline {cfg.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "student_hidden", "student_layers",
+                 "student_heads"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("log_interval", "save_interval"):
+        if getattr(cfg, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1 (steps), got {getattr(cfg, name)}")
+    if cfg.keep_last < 0:
+        fail(f"--keep-last must be >= 0 (0 keeps all checkpoints), got {cfg.keep_last}")
+    number("seed", 0, 2**32 - 1)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        fail(f"--device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
+    choice("dtype", ("bf16", "fp32"))
+    choice("parallel", ("ddp", "fsdp"))
+
+    # --- method
+    choice("method", METHODS)
+    choice("pipeline", PIPELINES)
     if cfg.method in CHUNK_METHODS and cfg.pipeline != "cross":
         fail(f"--method {cfg.method} is chunk-level: use --pipeline cross (or a token-level method "
              f"{', '.join(TOKEN_METHODS)} with --pipeline {cfg.pipeline})")
@@ -182,40 +258,65 @@ def check(cfg: Config) -> None:
              f"use --pipeline shared/aligned, or a chunk-level method ({', '.join(CHUNK_METHODS)}) across tokenizers")
     if cfg.compdemo and cfg.method == "ce":
         fail("--compdemo shapes what the teacher sees; --method ce has no teacher")
+    number("demo_ratio", 0.0, 1.0, low_open=True, high_open=True)
+    number("temperature", 0.0, low_open=True)
+    number("lambda_init", 0.0, 1.0)
+    number("lambda_max", 0.0, 1.0)
+    choice("lambda_schedule", ("cosine", "linear"))
+    choice("lambda_axis", ("both", "training_only", "timestep_only"))
+    choice("timestep_weight", ("midrange", "uniform"))
+    number("eps", 0.0, 1.0, high_open=True)
+    choice("ce_schedule_weight", ("linear", "uniform"))
+    number("ce_weight", 0.0)
+    number("distill_weight", 0.0)
+    if cfg.ce_weight == 0 and (cfg.method == "ce" or cfg.distill_weight == 0):
+        fail(f"--ce-weight 0 with --method {cfg.method} and --distill-weight {cfg.distill_weight}: "
+             f"the loss is 0, nothing to learn")
+    from tide.losses import IMPLS
+    choice("impl", IMPLS)
+    if cfg.impl == "triton_stream" and not (cfg.method in TOKEN_METHODS and cfg.pipeline == "shared"):
+        fail(f"--impl triton_stream exists for the token-level losses only (--method {'/'.join(TOKEN_METHODS)} "
+             f"with --pipeline shared); use --impl triton or auto")
+    if cfg.impl in ("triton", "triton_stream"):
+        import torch
+        on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            fail(f"--impl {cfg.impl} needs CUDA (or TRITON_INTERPRET=1); use --impl chunked or auto on CPU")
+    if cfg.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            fail(f"--device {cfg.device}, but CUDA is not available here: use --device cpu or auto")
+
+    # --- models
+    choice("student_kind", ("bd3lm", "mdlm"))
+    if cfg.student_kind == "mdlm" and cfg.method != "ce":
+        fail("--student-kind mdlm is for pretraining a teacher: use it with --method ce")
+    choice("student_arch", ARCHITECTURES)
+    if not cfg.student and (cfg.student_hidden % cfg.student_heads or (cfg.student_hidden // cfg.student_heads) % 2):
+        fail(f"--student-hidden {cfg.student_hidden} must be --student-heads {cfg.student_heads} times an even "
+             f"head width (rotary embeddings)")
+    choice("teacher_kind", ("", "mdlm", "bd3lm"))
     if cfg.block_size <= 0 or cfg.seq_len % cfg.block_size:
         fail(f"--block-size {cfg.block_size} must divide --seq-len {cfg.seq_len}: "
              f"use a --seq-len that is a multiple of {cfg.block_size}, or another --block-size")
-    if not 0.0 < cfg.demo_ratio < 1.0:
-        fail(f"--demo-ratio must be in (0, 1), got {cfg.demo_ratio}")
-    if not 0.0 <= cfg.eps < 1.0:
-        fail(f"--eps must be in [0, 1), got {cfg.eps}")
-    if cfg.temperature <= 0:
-        fail(f"--temperature must be > 0, got {cfg.temperature}")
-    for name in ("lambda_init", "lambda_max"):
-        if not 0.0 <= getattr(cfg, name) <= 1.0:
-            fail(f"--{name.replace('_', '-')} must be in [0, 1]")
-    if cfg.lambda_schedule not in ("cosine", "linear"):
-        fail("--lambda-schedule must be cosine or linear")
-    if cfg.lambda_axis not in ("both", "training_only", "timestep_only"):
-        fail("--lambda-axis must be both, training_only or timestep_only")
-    if cfg.timestep_weight not in ("midrange", "uniform"):
-        fail("--timestep-weight must be midrange or uniform")
-    if cfg.ce_schedule_weight not in ("linear", "uniform"):
-        fail("--ce-schedule-weight must be linear or uniform")
-    if cfg.student_kind not in ("bd3lm", "mdlm"):
-        fail("--student-kind must be bd3lm or mdlm")
-    if cfg.student_kind == "mdlm" and cfg.method != "ce":
-        fail("--student-kind mdlm is for pretraining a teacher: use it with --method ce")
-    if cfg.student_arch not in ARCHITECTURES:
-        fail(f"--student-arch must be one of {ARCHITECTURES}")
-    if cfg.parallel not in ("ddp", "fsdp"):
-        fail("--parallel must be ddp or fsdp")
-    if cfg.dtype not in ("bf16", "fp32"):
-        fail("--dtype must be bf16 or fp32")
-    if cfg.keep_last < 0:
-        fail(f"--keep-last must be >= 0 (0 keeps all checkpoints), got {cfg.keep_last}")
-    if cfg.max_steps <= 0 or cfg.batch_size <= 0 or cfg.grad_accum <= 0:
-        fail("--max-steps, --batch-size and --grad-accum must be positive")
+
+    # --- data and optimizer
+    if cfg.teacher_seq_len < 0:
+        fail(f"--teacher-seq-len must be >= 0 (0 = --seq-len), got {cfg.teacher_seq_len}")
+    if cfg.teacher_seq_len and cfg.pipeline == "shared":
+        fail("--teacher-seq-len applies to --pipeline aligned/cross; the shared pipeline uses --seq-len for both")
+    number("lr", 0.0, low_open=True)
+    number("min_lr", 0.0)
+    if cfg.min_lr > cfg.lr:
+        fail(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}: the cosine decay ends at --min-lr")
+    if cfg.warmup_steps < 0:
+        fail(f"--warmup-steps must be >= 0, got {cfg.warmup_steps}")
+    number("weight_decay", 0.0)
+    number("beta1", 0.0, 1.0, high_open=True)
+    number("beta2", 0.0, 1.0, high_open=True)
+    number("grad_clip", 0.0)
+
+    # --- paths
     if cfg.needs_teacher and not cfg.teacher:
         fail(f"--method {cfg.method} distils from a teacher: pass --teacher DIR (or --method ce)")
     # local directories only: a path that does not exist is an error, never a Hugging Face hub id
