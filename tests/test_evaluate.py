@@ -301,3 +301,39 @@ def test_infill_bad_input(tok):
         infill(model, TEXTS, tokenizer=tok, spans=1000)
     with pytest.raises(ValueError, match="span_chars"):
         infill(model, TEXTS, tokenizer=tok, span_chars=0)
+
+
+# --------------------------------------------------------------------------- in training
+def test_train_eval_data_logs_bits_per_byte_and_writes_a_sample(tok, tmp_path):
+    from tide import checkpoint
+    from tide.train import main as train
+
+    tok.save_pretrained(tmp_path / "tok")
+    (tmp_path / "train.txt").write_text("\n".join(t[:2000] for t in training_text()[1:4]))
+    (tmp_path / "held_out.txt").write_text(training_text()[5][:1500])
+    args = {"output-dir": tmp_path / "run", "max-steps": 4, "device": "cpu", "seq-len": 32, "block-size": 8,
+            "batch-size": 4, "student-hidden": 32, "student-layers": 1, "student-heads": 2, "warmup-steps": 1,
+            "lr": 1e-3, "progress-bar": "false", "log-interval": 1, "method": "ce", "save-interval": 4,
+            "student-tokenizer": tmp_path / "tok", "data": tmp_path / "train.txt",
+            "eval-data": tmp_path / "held_out.txt", "eval-interval": 2, "eval-samples": 2}
+    result = train([x for k, v in args.items() for x in (f"--{k}", str(v))])
+    assert [r["step"] for r in result["eval"]] == [2, 4]
+    with open(result["metrics"]) as fh:
+        lines = [json.loads(line) for line in fh if "eval_bits_per_byte" in line]
+    assert lines == result["eval"] and all(r["eval_bits_per_byte_se"] > 0 for r in lines)
+    model, _ = load_checkpoint(result["checkpoint"])
+    direct = elbo(model, str(tmp_path / "held_out.txt"), tokenizer=tok, samples=2, seed=0, batch_size=4, seq_len=32,
+                  progress=False)
+    assert lines[-1]["eval_bits_per_byte"] == pytest.approx(direct.bits_per_byte, rel=1e-5)
+    sample = (tmp_path / "run" / "checkpoint-4" / "sample.txt").read_text()
+    assert "greedy continuation at step 4" in sample
+    checkpoint.verify(result["checkpoint"])                       # the sample is under the checksums
+
+
+def test_train_eval_options_are_checked(tmp_path):
+    from tide.config import check, load_config
+    out = ["--output-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="--eval-samples"):
+        check(load_config(out + ["--eval-samples", "0"]))
+    with pytest.raises(SystemExit, match="--eval-data .* does not exist"):
+        check(load_config(out + ["--eval-data", str(tmp_path / "missing.txt")]))

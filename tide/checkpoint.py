@@ -40,7 +40,7 @@ OPTIMIZER = "optimizer.safetensors"
 # `--resume`. Any other difference changes the run (data order, masks, schedules, the model)
 # and is refused unless `--allow-config-change`.
 BOOKKEEPING = ("output_dir", "resume", "overwrite", "allow_config_change", "log_interval", "save_interval",
-               "keep_last", "progress_bar")
+               "keep_last", "progress_bar", "eval_data", "eval_interval", "eval_samples")
 
 
 class InvalidCheckpoint(Exception):
@@ -227,8 +227,9 @@ def config_differences(saved: dict, cfg) -> list[str]:
 
 
 # --------------------------------------------------------------------------- save / load
-def save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank) -> str:
-    """HF-format student + tokenizers + trainer state, written to a temp dir, then renamed."""
+def save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank, extra_files: dict | None = None) -> str:
+    """HF-format student + tokenizers + trainer state (+ `extra_files`: name -> text, e.g. a sample),
+    written to a temp dir, then renamed."""
     if fsdp:  # gather the full state on rank 0 (collective: every rank calls it)
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
@@ -266,6 +267,9 @@ def save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank) -> str:
                  "optimizer": optimizer_tree}
         with open(os.path.join(tmp, STATE), "w", encoding="utf-8") as fh:
             json.dump(state, fh, indent=1)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                fh.write(text)
     if dist.is_initialized():
         dist.barrier()  # every rank's RNG file is in place
     if rank == 0:

@@ -81,6 +81,9 @@ class Config:
     teacher_seq_len: int = 0              # teacher length (0 = same as seq_len)
     batch_size: int = 8                   # micro-batch per process
     grad_accum: int = 1                   # micro-batches per optimizer step
+    eval_data: str = ""                   # held-out text/folder/.jsonl: bits per byte (tide.evaluate) logged
+    eval_interval: int = 0                # steps between held-out evaluations (0 = at every checkpoint)
+    eval_samples: int = 4                 # masks per held-out window (the standard error needs >= 2)
 
     # --- optimizer
     lr: float = 5e-5                      # peak AdamW learning rate (paper: 5e-5)
@@ -317,6 +320,13 @@ def check(cfg: Config) -> None:
     number("beta1", 0.0, 1.0, high_open=True)
     number("beta2", 0.0, 1.0, high_open=True)
     number("grad_clip", 0.0)
+    if cfg.eval_interval < 0 or cfg.eval_samples < 1:
+        fail(f"--eval-interval must be >= 0 and --eval-samples >= 1, got {cfg.eval_interval} and {cfg.eval_samples}")
+    if cfg.eval_data and not os.path.exists(cfg.eval_data):
+        fail(f"--eval-data {cfg.eval_data!r} does not exist")
+    if cfg.eval_data and cfg.parallel == "fsdp" and "WORLD_SIZE" in os.environ:
+        fail("--eval-data is not supported with --parallel fsdp yet (the sharded student has no plain forward); "
+             "evaluate the checkpoints afterwards with python -m tide.evaluate")
 
     # --- paths
     if cfg.needs_teacher and not cfg.teacher:

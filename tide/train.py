@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tide import checkpoint, losses, schedules
+from tide import checkpoint, evaluate, losses, schedules
 from tide.compdemo import merge_teacher_hidden, teacher_inputs
 from tide.config import CHUNK_METHODS, Config, check, load_config
+from tide.generate import generate
 from tide.models import build_config, build_model, load_model
 
 MASK_TOKEN = "<|mask|>"
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(dataset) < cfg.batch_size * world:
         raise SystemExit(f"--data gives {len(dataset)} examples, fewer than one global batch "
                          f"({cfg.batch_size} x {world}): add data or lower --batch-size")
+    held_out = evaluate.load_records(cfg.eval_data) if cfg.eval_data else None  # --eval-data: bits per byte
 
     # ---- models
     teacher = None
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tide {cfg.method}", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    history, last_saved = [], None
+    history, eval_history, last_saved, postfix = [], [], None, {}
     last_time, last_step = time.time(), step
     wrapped.train()
     while step < cfg.max_steps:
@@ -357,19 +359,29 @@ def main(argv: list[str] | None = None) -> dict:
             if master:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        saving = step % cfg.save_interval == 0 or step == cfg.max_steps
+        if held_out is not None and (step % (cfg.eval_interval or cfg.save_interval) == 0 or step == cfg.max_steps):
+            record = held_out_record(student, held_out, tokenizers["student"], cfg, step)
+            eval_history.append(record)
+            if master:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                postfix.update(bpb=f"{record['eval_bits_per_byte']:.3f}±{record['eval_bits_per_byte_se']:.3f}")
         if bar is not None:
+            bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-        if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            last_saved = checkpoint.save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank)
+        if saving:
+            extra = {"sample.txt": greedy_sample(student, held_out, tokenizers["student"], step)} \
+                if held_out is not None and master else None
+            last_saved = checkpoint.save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank, extra)
     if bar is not None:
         bar.close()
     if metrics is not None:
         metrics.close()
     if distributed:
         dist.destroy_process_group()
-    return {"history": history, "checkpoint": last_saved or (checkpoint.checkpoints(cfg.output_dir) or [None])[-1],
+    return {"history": history, "eval": eval_history, "checkpoint": last_saved or (checkpoint.checkpoints(cfg.output_dir) or [None])[-1],
             "metrics": metrics_path}
 
 
@@ -382,6 +394,30 @@ def with_mask_token(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or MASK_TOKEN
     return tokenizer
+
+
+def held_out_record(student, records, tokenizer, cfg: Config, step: int) -> dict:
+    """`--eval-data`: the student's held-out negative ELBO (tide.evaluate.elbo), a metrics.jsonl line."""
+    student.eval()
+    result = evaluate.elbo(student, records, tokenizer=tokenizer, samples=cfg.eval_samples, seed=cfg.seed,
+                           batch_size=cfg.batch_size, seq_len=cfg.seq_len, progress=False)
+    student.train()
+    return {"step": step, "eval_bits_per_byte": result.bits_per_byte, "eval_bits_per_byte_se": result.bits_per_byte_se,
+            "eval_bits_per_token": result.bits_per_token, "eval_tokens": result.tokens}
+
+
+def greedy_sample(student, records, tokenizer, step: int, prompt_tokens: int = 16, new_tokens: int = 32) -> str:
+    """A short greedy sample (tide.generate) from the start of the first held-out text: sample.txt
+    in each checkpoint."""
+    from tide.data import render_chat
+    first = records[0]
+    text = first if isinstance(first, str) else render_chat(first, tokenizer).text
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"][:prompt_tokens]
+    student.eval()
+    new_ids = generate(student, [prompt], new_tokens, eos_token_id=tokenizer.eos_token_id)[0]
+    student.train()
+    return (f"--- prompt: the first {len(prompt)} tokens of the held-out data\n{tokenizer.decode(prompt)}\n"
+            f"--- greedy continuation at step {step} ({len(new_ids)} tokens)\n{tokenizer.decode(new_ids)}\n")
 
 
 def fixed_length(batch: dict, cfg: Config, collate) -> dict:
