@@ -32,8 +32,10 @@ def tiny(tok, kind="bd3lm", block=8, seed=0, layers=1):
     return build_model(kind, config, block_size=block, mask_token_id=tok.convert_tokens_to_ids(MASK)).eval()
 
 
-def n_tokens(tok, texts):
-    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+def n_tokens(tok, texts, eos=True):
+    """Scored tokens of plain texts: the text's tokens and the EOS after it (what tide.data trains)."""
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) + (eos and tok.eos_token_id is not None)
+               for t in texts)
 
 
 class Oracle(nn.Module):
@@ -121,8 +123,8 @@ def exact_nelbo(model, ids, block, pad_id):
 def test_estimate_is_unbiased_against_every_mask(tok, kind, block):
     model = tiny(tok, kind, block=block or 8, layers=2)
     text = "x = 1 + 2"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert 5 <= len(ids) <= 8
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]   # tide.data scores the EOS too
+    assert 5 <= len(ids) <= 9
     exact = exact_nelbo(model, ids, block or len(ids), tok.pad_token_id)
     seq_len = -(-len(ids) // block) * block if block else None
     result = elbo(model, [text], tokenizer=tok, samples=400, seed=0, batch_size=100, seq_len=seq_len,
@@ -163,7 +165,7 @@ def test_chat_jsonl_scores_assistant_content_only(tok, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     result = elbo(model, str(path), tokenizer=tok, samples=2, progress=False)
     assert result.bytes == len("Two plus two is four.") + len("Hello! How can I help?")
-    assert 0 < result.tokens < sum(n_tokens(tok, [m["content"] for m in r["messages"]]) for r in rows)
+    assert 0 < result.tokens < sum(n_tokens(tok, [m["content"] for m in r["messages"]], eos=False) for r in rows)
     listed = elbo(model, [r["messages"] for r in rows], tokenizer=tok, samples=2, progress=False)
     assert listed.bits_per_byte == pytest.approx(result.bits_per_byte, rel=1e-6)
 

@@ -32,8 +32,10 @@ no `[batch, length, V]` logits), under `torch.no_grad`, in bf16 autocast on CUDA
 Data: a text file, a folder of .txt/.md/.py files (`tide.data.load_texts`), a chat JSON/JSONL
 file with a `messages` column (`tide.data.load_chat_dataset`; only assistant content is
 scored, conditioned on the rest), or in Python a list of texts / conversations. Long texts
-are cut into windows of `seq_len` tokens (each scored independently); bytes count the UTF-8
-bytes of the scored text (the whole text; assistant contents as rendered for chat).
+are cut into windows of `seq_len` tokens (each scored independently). The scored tokens are
+what `tide.data` trains (maskable): the content, and its closing tokens (the EOS after a
+document, the end-of-turn marker after an assistant message); bytes count the UTF-8 bytes of
+the content (the whole text; assistant contents as rendered for chat).
 """
 from __future__ import annotations
 
