@@ -228,3 +228,15 @@ def test_checkpoint_files_are_json_and_safetensors(assets, tmp_path):
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 1 and state["config"]["seed"] == 0
     assert load_file(ckpt / "optimizer.safetensors") and load_file(ckpt / "rng_rank0.safetensors")
+
+
+def test_config_differences_fill_missing_saved_options_with_defaults():
+    """A checkpoint written before an option existed compares as if it had the option's default."""
+    import dataclasses
+
+    from tide.checkpoint import config_differences
+    from tide.config import Config
+    saved = dataclasses.asdict(Config())
+    del saved["seed"]
+    assert config_differences(saved, Config(seed=0, keep_last=5, output_dir="elsewhere")) == []
+    assert config_differences(saved, Config(seed=3)) == ["seed: 0 -> 3"]

@@ -198,6 +198,8 @@ def verify(path: str, rank: int = 0) -> dict:
         raise InvalidCheckpoint(f"{STATE} is not JSON ({error})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InvalidCheckpoint(f"{STATE} is not a {FORMAT} trainer state")
+    if not isinstance(state.get("config"), dict) or not isinstance(state.get("data_position"), dict):
+        raise InvalidCheckpoint(f"{STATE} lacks the run's config or data position")
     if state.get("step") != step_of(path):
         raise InvalidCheckpoint(f"{STATE} is for step {state.get('step')}, not {step_of(path)}")
     return state
@@ -220,8 +222,7 @@ def latest_valid(output_dir: str, rank: int = 0) -> tuple[str, dict]:
 
 def config_differences(saved: dict, cfg) -> list[str]:
     """`name: saved -> now` for every option (except BOOKKEEPING) that differs from the checkpoint's."""
-    now = dataclasses.asdict(cfg)
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    now, defaults = dataclasses.asdict(cfg), dataclasses.asdict(type(cfg)())
     return [f"{name}: {saved.get(name, defaults[name])!r} -> {value!r}" for name, value in now.items()
             if name not in BOOKKEEPING and saved.get(name, defaults[name]) != value]
 

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 def coerce(key: str, kind, value):
     """A YAML value as the field's type, read the way the command line reads it
     (`"false"` -> False, `"1e-4"` -> 1e-4, `4.0` -> 4); anything else is a SystemExit naming the key."""
+    options = [k for k in typing.get_args(kind) if k is not type(None)]
+    if options and len(options) < len(typing.get_args(kind)):  # `X | None`
+        return None if value is None else coerce(key, options[0], value)
+    if kind not in (bool, int, float, str):
+        return value
     if kind is bool:
         if isinstance(value, bool):
             return value
