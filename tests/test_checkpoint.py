@@ -240,3 +240,27 @@ def test_config_differences_fill_missing_saved_options_with_defaults():
     del saved["seed"]
     assert config_differences(saved, Config(seed=0, keep_last=5, output_dir="elsewhere")) == []
     assert config_differences(saved, Config(seed=3)) == ["seed: 0 -> 3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_resume_redoes_the_same_step(assets, tmp_path, parallel):
+    """torchrun, 2 CPU processes: resuming from checkpoint-2 rewrites checkpoint-3 with the same weights
+    (the FSDP optimizer state goes through JSON + safetensors keyed by parameter names)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tide.train"]
+    args = argv(assets, tmp_path / "run", **{"max-steps": 3, "parallel": parallel})
+    for extra in ([], ["--resume"]):
+        out = subprocess.run(cmd + args + extra, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        if not extra:
+            shutil.move(tmp_path / "run" / "checkpoint-3", tmp_path / "first-3")
+    assert "resumed from" in out.stdout + out.stderr
+    first = load_file(tmp_path / "first-3" / "model.safetensors")
+    again = load_file(tmp_path / "run" / "checkpoint-3" / "model.safetensors")
+    assert first.keys() == again.keys()
+    for name in first:
+        assert torch.equal(first[name], again[name]), name

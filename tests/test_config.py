@@ -145,13 +145,20 @@ BAD = [
     (["--beta2", "-0.5"], ["--beta2"]),
     (["--grad-clip", "-1"], ["--grad-clip"]),
     (["--grad-clip", "nan"], ["--grad-clip"]),
+    (["--eval-data", "/nonexistent/heldout"], ["--eval-data"]),
+    (["--eval-interval", "-1"], ["--eval-interval"]),
+    (["--eval-samples", "0"], ["--eval-samples"]),
 ]
+
+
+BAD.append((["--output-dir", "DATA_FILE"], ["--output-dir", "is a file"]))
 
 
 @pytest.mark.parametrize("flags,words", BAD, ids=[" ".join(f) for f, _ in BAD])
 def test_every_option_is_range_checked(base, flags, words):
+    data_file = base[base.index("--data") + 1]
     with pytest.raises(SystemExit) as error:
-        check(load_config(base + flags))
+        check(load_config(base + [data_file if f == "DATA_FILE" else f for f in flags]))
     for word in words:
         assert word in str(error.value), (word, str(error.value))
 

@@ -234,6 +234,8 @@ def check(cfg: Config) -> None:
     # --- run
     if not cfg.output_dir:
         fail("--output-dir is empty: pass a directory for metrics.jsonl and the checkpoints")
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        fail(f"--output-dir {cfg.output_dir!r} is a file, not a directory")
     if cfg.resume and cfg.overwrite:
         fail("--resume and --overwrite contradict each other: continue the run in --output-dir, or replace it")
     if cfg.allow_config_change and not cfg.resume:
