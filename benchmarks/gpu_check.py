@@ -144,7 +144,7 @@ def _distill_inputs(n, v_s, v_t, d_s, d_t, dtype, device, seed=0):
 def _grads(fn, sh, sw, grad_outputs):
     a, b = sh.detach().clone().requires_grad_(True), sw.detach().clone().requires_grad_(True)
     out = fn(a, b)
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = tuple(o for o in out if o is not None) if isinstance(out, tuple) else (out,)   # DistillOutput
     sum(o * g for o, g in zip(outs, grad_outputs)).backward()
     return [o.detach().double() for o in outs], [a.grad.double(), b.grad.double()]
 

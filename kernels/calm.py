@@ -192,6 +192,8 @@ class CalmFunction(torch.autograd.Function):
         norm = active.sum().clamp(min=1) if params.reduction == "mean" else torch.ones_like(loss[:1].sum())
         ctx.save_for_backward(grad, student_chunk, norm)
         ctx.params = params
+        if params.reduction == "none":
+            return loss.to(student_logprobs.dtype)                   # [C], 0 for inactive chunks
         return (loss.sum() / norm).to(student_logprobs.dtype)
 
     @staticmethod
@@ -199,6 +201,9 @@ class CalmFunction(torch.autograd.Function):
         chunk_grad, student_chunk, norm = ctx.saved_tensors
         out = torch.empty(student_chunk.shape, dtype=grad_output.dtype, device=grad_output.device)
         if out.numel():
+            if ctx.params.reduction == "none":                      # per-chunk upstream gradients [C]
+                chunk_grad = chunk_grad * grad_output.to(chunk_grad.dtype)
+                grad_output = torch.ones((), dtype=grad_output.dtype, device=grad_output.device)
             coef = (grad_output.to(chunk_grad.dtype) / norm).reshape(())
             block = ctx.params.block
             _scatter_grad_kernel[(triton.cdiv(out.numel(), block),)](
@@ -214,7 +219,9 @@ def fused_calm_from_token_logprobs(student_logprobs, student_chunk, teacher_logp
 
     student_logprobs `[N_s]` (differentiable), student_chunk `[N_s]` int64 in [0, num_chunks),
     teacher_logprobs `[N_t]` (no gradient), teacher_chunk `[N_t]`, lam / weight `[num_chunks]` or None.
-    Returns a 0-d tensor in student_logprobs' dtype.
+    Returns a 0-d tensor in student_logprobs' dtype ("mean" / "sum"), or the per-chunk losses
+    `[num_chunks]` for "none" (0 for inactive chunks; backward scales each chunk's gradient by its
+    upstream gradient before the scatter).
     """
     mode = MODE_TIDAL if lam is not None else (MODE_REVERSE if reverse else MODE_FORWARD)
     params = CalmParams(num_chunks=int(num_chunks), mode=mode, temperature=float(temperature),

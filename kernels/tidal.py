@@ -3,14 +3,18 @@
 Exact eager equivalent (tide.reference.distill_loss; float32 compute for bf16/fp16/fp32
 inputs, float64 for float64 inputs)::
 
-    s = student_hidden.float() @ student_weight.float().T            # [N, V_s]
-    u = teacher_hidden.float() @ teacher_weight.float().T            # [N, V_t], no grad
+    a = student_hidden.float() @ student_weight.float().T + student_bias     # [N, V_s] (bias optional)
+    s = c_s * tanh(a / c_s)                                          # student_softcap c_s (optional: s = a)
+    u = c_t * tanh((teacher_hidden.float() @ teacher_weight.float().T + teacher_bias) / c_t)   # [N, V_t], no grad
     z, y = s[:, :V] / T, u[:, :V] / T                                # V = shared_vocab
     x = ((1 - lam) * s[:, :V] + lam * u[:, :V]) / T                   # TIDAL mixture (lam = 1: forward KL)
     forward:  kl = sum_j r_j (log r_j - log p_j),  r = softmax(x) detached, p = softmax(z)
     reverse:  kl = sum_j p_j (log p_j - log q_j),  q = softmax(y)
-    distill = T^2 * sum_i w_i kl_i                                   (/ N for "mean")
+    distill = T^2 * sum_i w_i kl_i                                   (/ N for "mean"; per row for "none")
     ce      = sum_i ce_weight_i * (logsumexp(s_i) - s_i[targets_i])  (/ N for "mean"; full V_s, T = 1)
+
+Biases and softcaps are applied to each logit tile as it is loaded (workspace) or computed
+(streaming): the GEMMs stay plain `hidden @ weight.T`.
 
 Neither strategy below ever holds an [N, V] tensor, in forward or in backward.
 
@@ -41,17 +45,25 @@ Reverse, L = sum_k p_k (log p_k - log q_k), with p = softmax(s / T):
     (The +1 cancels; KL is the row's loss, known after the first sweep: that is why the loss
     must be finished before the gradient sweep.)
 CE: d/ds_j [cw (lse(s) - s_t)] = cw (softmax(s)_j - [j == t]), over the full V_s.
-Columns j >= V get no distillation gradient. Then d student_hidden = dS @ W_s and
-d student_weight = dS^T @ H_s (dS the [N, V_s] logit gradient, never materialised whole).
+Columns j >= V get no distillation gradient. Softcap: d s_j / d a_j = 1 - tanh^2(a_j / c_s)
+= 1 - (s_j / c_s)^2, so dA = dS * (1 - tanh^2) (tanh recomputed from a in the gradient sweep;
+tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|), no overflow). Bias: d student_bias = sum_i dA_i.
+Then d student_hidden = dA @ W_s, d student_weight = dA^T @ H_s and d student_bias = column sums of
+dA (dA the [N, V_s] logit gradient, never materialised whole).
+reduction="none": the upstream gradient g_i differs per row, so it must reach the logit gradient
+before the GEMMs: the workspace strategy runs its chunk walk again in backward with w_i g_distill_i
+and cw_i g_ce_i as the loss weights (the gradient is linear in them) and one combined dA per chunk;
+the streaming backward takes the per-row coefficients as it does for a scalar upstream gradient.
 
 Strategy 1: row-chunked workspace (impl="triton", `_ChunkedDistill`)
 -------------------------------------------------------------------
     for each chunk of c rows (c from a byte budget, independent of N):
         S[c, V_s'] = H_s[chunk] @ W_s[:V_s'].T           # tl.dot GEMM, fp32 out (V_s' = V_s with CE, else V)
         U[c, V]    = H_t[chunk] @ W_t[:V].T              # teacher GEMM only over the shared vocab
-        _chunk_rows_kernel, grid (cdiv(c, BLOCK_R),):    # sweep 1: stats + loss; sweep 2: gradients
-            S <- dDistill/dS (in place),  U <- dCE/dS (in place, width V_s')
-        dH_distill[chunk]  = S @ W_s;   dW_distill += S^T @ H_s[chunk]   (same for CE from U)
+        _chunk_rows_kernel, grid (cdiv(c, BLOCK_R),):    # + bias, softcap on load; sweep 1: stats + loss;
+            S <- dDistill/dA (in place),  U <- dCE/dA (in place, width V_s')     # sweep 2: gradients
+        dH_distill[chunk]  = S @ W_s;   dW_distill += S^T @ H_s[chunk];   db_distill += S.sum(0)
+        (same for CE from U)
 The GEMMs are one tl.dot kernel (tutorial 03: grouped ordering, 128 x 256 x 64 bf16 tiles, fp32
 out, any strides so transposes are views); the logit gradient is rounded to the weight dtype
 for the tensor cores (as Liger and CCE do), accumulation is fp32. d student_hidden = S @ W_s has
@@ -124,7 +136,7 @@ def _interpreting() -> bool:
 
 
 # Under TRITON_INTERPRET=1 (3.6), tl.dot on bfloat16 tiles multiplies the raw bits; upcast first.
-_INTERPRET_BF16 = tl.constexpr(_interpreting())
+INTERPRET_BF16 = tl.constexpr(_interpreting())
 
 
 # =============================================================================================
@@ -183,7 +195,7 @@ def _ce_grad_tile(s, cols, tgt, lse_1, coef, valid):
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b, accumulating in acc's dtype (fp32, or fp64 for fp64 inputs); IEEE: exact fp32."""
-    if _INTERPRET_BF16:      # the interpreter's numpy dot reads bf16 as integers: exact upcast instead
+    if INTERPRET_BF16:      # the interpreter's numpy dot reads bf16 as integers: exact upcast instead
         if a.dtype == tl.bfloat16:
             a = a.to(tl.float32)
         if b.dtype == tl.bfloat16:
@@ -191,6 +203,28 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return tl.dot(a, b, acc, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (no libdevice, so it runs under the interpreter too): sign(x) (1 - e) / (1 + e),
+    e = exp(-2 |x|) never overflows; absolute error ~ one ulp."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _lm_logits(a, bias_ptr, cols, col_ok, cap, inv_cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """Logits of a tile from the GEMM output a [R, BV]: s = cap * tanh((a + bias[cols]) / cap) (the
+    plain a + bias without a cap). Returns (s, tanh); d s / d a = 1 - tanh^2 (tanh unused without a cap)."""
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(a.dtype)[None, :]
+    t = a
+    if HAS_CAP:
+        t = _tanh(a * inv_cap)
+        a = cap * t
+    return a, t
 
 
 @triton.jit
@@ -331,10 +365,13 @@ def _chunk_rows_kernel(
                                      # [R, >= V_s] teacher logits (first V columns) -> d CE / dS
         lam_ptr, w_ptr, tgt_ptr, cw_ptr,   # [R] TIDAL lambda, loss weight, target ids, CE weight
         distill_ptr, ce_ptr,         # [R] per-row losses out: T^2 w KL, cw CE
+        sb_ptr, tb_ptr,              # [>= V_s] student bias, [>= V] teacher bias (HAS_SB / HAS_TB)
         R, V: tl.constexpr, V_s: tl.constexpr,   # rows, shared vocab, student vocab for CE (0: no targets)
         stride_s, stride_u,          # row strides of S and U
         T, inv_T,                    # temperature, 1 / T
+        cap_s, inv_cap_s, cap_t, inv_cap_t,   # softcaps (HAS_SCAP / HAS_TCAP) and their inverses
         REVERSE: tl.constexpr, NEED_GRAD: tl.constexpr, HAS_TARGETS: tl.constexpr,
+        HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_ok = rows < R
@@ -357,6 +394,8 @@ def _chunk_rows_kernel(
         col_ok = cols[None, :] < V                            # padded rows load 0: finite stats
         s = tl.load(s_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
         u = tl.load(u_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+        s, _ = _lm_logits(s, sb_ptr, cols, cols < V, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
+        u, _ = _lm_logits(u, tb_ptr, cols, cols < V, cap_t, inv_cap_t, HAS_TB, HAS_TCAP)
         x = _target_logits(s, u, lam, inv_T, REVERSE)
         m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, col_ok, m_z, l_z, m_x, l_x, acc, REVERSE)
         if HAS_TARGETS:
@@ -367,6 +406,7 @@ def _chunk_rows_kernel(
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols[None, :] < V_s
             s = tl.load(s_row + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
+            s, _ = _lm_logits(s, sb_ptr, cols, cols < V_s, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
             m_1, l_1 = _online_lse_update(s, col_ok, m_1, l_1)
             s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
 
@@ -381,7 +421,8 @@ def _chunk_rows_kernel(
         lse_1 = m_1 + tl.log(l_1)
         tl.store(ce_ptr + rows, cw * (lse_1 - s_t), mask=row_ok)
 
-    # ---- sweep 2: logit gradients for unit upstream gradients, written in place
+    # ---- sweep 2: logit gradients (w.r.t. the GEMM output, i.e. through bias and softcap) for
+    # upstream gradients folded into w and cw (unit ones in forward), written in place
     if NEED_GRAD:
         coef_d = T * w                                        # the 1 / N of "mean" comes after the GEMMs
         for v0 in range(0, V, BLOCK_V):
@@ -389,19 +430,29 @@ def _chunk_rows_kernel(
             valid = row_ok[:, None] & (cols[None, :] < V)
             s = tl.load(s_row + cols[None, :], mask=valid, other=0.0)
             u = tl.load(u_row + cols[None, :], mask=valid, other=0.0)
+            s, tanh_s = _lm_logits(s, sb_ptr, cols, cols < V, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
+            u, _ = _lm_logits(u, tb_ptr, cols, cols < V, cap_t, inv_cap_t, HAS_TB, HAS_TCAP)
             x = _target_logits(s, u, lam, inv_T, REVERSE)
-            tl.store(s_row + cols[None, :], _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d,
-                                                                valid, REVERSE), mask=valid)
+            g_d = _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d, valid, REVERSE)
+            if HAS_SCAP:
+                g_d = g_d * (1.0 - tanh_s * tanh_s)           # d s / d a of the softcap
+            tl.store(s_row + cols[None, :], g_d, mask=valid)
             if HAS_TARGETS:
-                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, cw, valid), mask=valid)
+                g_c = _ce_grad_tile(s, cols, tgt, lse_1, cw, valid)
+                if HAS_SCAP:
+                    g_c = g_c * (1.0 - tanh_s * tanh_s)
+                tl.store(u_row + cols[None, :], g_c, mask=valid)
         if HAS_TARGETS:
             for v0 in range(V, V_s, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 valid = row_ok[:, None] & (cols[None, :] < V_s)
                 s = tl.load(s_row + cols[None, :], mask=valid, other=0.0)
+                s, tanh_s = _lm_logits(s, sb_ptr, cols, cols < V_s, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
+                g_c = _ce_grad_tile(s, cols, tgt, lse_1, cw, valid)
+                if HAS_SCAP:
+                    g_c = g_c * (1.0 - tanh_s * tanh_s)
                 tl.store(s_row + cols[None, :], tl.zeros((BLOCK_R, BLOCK_V), acc_ty), mask=valid)
-                tl.store(u_row + cols[None, :], _ce_grad_tile(s, cols, tgt, lse_1, cw, valid),
-                         mask=valid)
+                tl.store(u_row + cols[None, :], g_c, mask=valid)
 
 
 # =============================================================================================
@@ -457,13 +508,15 @@ def _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s: tl.c
 def _stream_fwd_kernel(
         SH, SW, TH, TW,              # [N, d_s], [V_s, d_s], [N, d_t], [V_t, d_t]
         lam_ptr, tgt_ptr,            # [N] TIDAL lambda, target ids
+        SB, TB,                      # [V_s] student bias, [V_t] teacher bias (HAS_SB / HAS_TB)
         part_ptr,                    # [SPLITS, N, 8] out: partial (m_z, l_z, m_x, l_x, acc, m_1, l_1, s_t)
         N, SPLIT_SHARED,             # programs on axis 1 below SPLIT_SHARED sweep [0, V), the others [V, V_s)
         V: tl.constexpr, V_s: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,   # loop bounds constexpr
         stride_shn, stride_shk, stride_swv, stride_swk,
         stride_thn, stride_thk, stride_twv, stride_twk,
-        inv_T,
+        inv_T, cap_s, inv_cap_s, cap_t, inv_cap_t,
         REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr,
+        HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, split) sweeps TILES vocabulary tiles and writes its 8 partial statistics
     per row; the launcher merges the splits (an LSE merge, O(N * SPLITS))."""
@@ -487,6 +540,8 @@ def _stream_fwd_kernel(
                             stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
             u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv,
                             stride_twk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            s, _ = _lm_logits(s, SB, cols, col_ok, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
+            u, _ = _lm_logits(u, TB, cols, col_ok, cap_t, inv_cap_t, HAS_TB, HAS_TCAP)
             x = _target_logits(s, u, lam, inv_T, REVERSE)
             valid = col_ok[None, :]
             m_z, l_z, m_x, l_x, acc = _online_kl_update(s * inv_T, x, valid, m_z, l_z, m_x, l_x, acc, REVERSE)
@@ -500,6 +555,7 @@ def _stream_fwd_kernel(
                 col_ok = cols < V_s
                 s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv,
                                 stride_swk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                s, _ = _lm_logits(s, SB, cols, col_ok, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
                 m_1, l_1 = _online_lse_update(s, col_ok[None, :], m_1, l_1)
                 s_t += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), 1)
 
@@ -518,17 +574,19 @@ def _stream_fwd_kernel(
 def _stream_bwd_kernel(
         SH, SW, TH, TW,              # [N, d_s]; [V_slab, d_s] and [V_slab, d_t] from the slab's first row; [N, d_t]
         lam_ptr, tgt_ptr,            # [N]
+        SB, TB,                      # [V_slab] student / teacher bias from the slab's first column
         stats_ptr,                   # [N, 4] merged: lse(z), lse(target), KL, lse(s)
         coef_d_ptr, coef_c_ptr,      # [N] g_distill * T * w, g_ce * cw (1 / N applied after)
-        DH, DW,                      # [N, d_s] fp32 accumulator, [V_slab, d_s] fp32 slab accumulator
+        DH, DW, DB,                  # [N, d_s] fp32 accumulator, [V_slab, d_s] / [V_slab] fp32 slab accumulators
         N, col_offset,               # rows; first vocabulary column of the slab (for the target ids)
         V_SLAB: tl.constexpr, d_s: tl.constexpr, d_t: tl.constexpr,
         stride_shn, stride_shk, stride_swv, stride_swk,
         stride_thn, stride_thk, stride_twv, stride_twk, stride_dhn, stride_dwv,
-        inv_T,
+        inv_T, cap_s, inv_cap_s, cap_t, inv_cap_t,
         SHARED: tl.constexpr,        # slab inside [0, V): distillation (+ CE); else CE only
         REVERSE: tl.constexpr, HAS_TARGETS: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-        DH_ATOMIC: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr,
+        NEED_DB: tl.constexpr, DH_ATOMIC: tl.constexpr, IEEE: tl.constexpr, TILES: tl.constexpr,
+        HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     pid_v = tl.program_id(1)
@@ -550,15 +608,21 @@ def _stream_bwd_kernel(
         valid = row_ok[:, None] & col_ok[None, :]
         s = _logit_tile(SH, SW, rows, cols, row_ok, col_ok, d_s, stride_shn, stride_shk, stride_swv, stride_swk,
                         acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+        s, tanh_s = _lm_logits(s, SB, cols, col_ok, cap_s, inv_cap_s, HAS_SB, HAS_SCAP)
         if SHARED:
             u = _logit_tile(TH, TW, rows, cols, row_ok, col_ok, d_t, stride_thn, stride_thk, stride_twv,
                             stride_twk, acc_ty, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+            u, _ = _lm_logits(u, TB, cols, col_ok, cap_t, inv_cap_t, HAS_TB, HAS_TCAP)
             x = _target_logits(s, u, lam, inv_T, REVERSE)
             G = _distill_grad_tile(s * inv_T, x, lse_z, lse_x, kl, coef_d, valid, REVERSE)
             if HAS_TARGETS:
                 G += _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
         else:
             G = _ce_grad_tile(s, cols, tgt, lse_1, coef_c, valid)
+        if HAS_SCAP:
+            G = G * (1.0 - tanh_s * tanh_s)                   # d s / d a of the softcap
+        if NEED_DB:
+            tl.atomic_add(DB + cols, tl.sum(G, 0), mask=col_ok)
         _contract_grad_tile(G, rows, cols, row_ok, col_ok, SH, SW, DH, DW, d_s,
                             stride_shn, stride_shk, stride_swv, stride_swk, stride_dhn, stride_dwv,
                             NEED_DH, NEED_DW, DH_ATOMIC, IEEE, BLOCK_K)
@@ -577,6 +641,16 @@ class DistillParams:
     has_targets: bool
     workspace_bytes: int | None = None
     grad_enabled: bool = True  # torch.is_grad_enabled() at the call (needs_input_grad ignores no_grad)
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    def caps(self):
+        """(cap_s, 1 / cap_s, cap_t, 1 / cap_t) kernel scalars (1.0 where there is no cap)."""
+        cs, ct = self.student_softcap or 1.0, self.teacher_softcap or 1.0
+        return cs, 1.0 / cs, ct, 1.0 / ct
+
+    def cap_flags(self):
+        return dict(HAS_SCAP=self.student_softcap is not None, HAS_TCAP=self.teacher_softcap is not None)
 
     def scale(self, num_rows: int) -> float:
         return 1.0 / max(num_rows, 1) if self.reduction == "mean" else 1.0
@@ -648,92 +722,129 @@ def _row_kernel_config(width: int):
     return 1, min(4096, triton.next_power_of_2(max(width, 16))), 8   # BLOCK_R, BLOCK_V, num_warps
 
 
+def _chunk_pass(sh, sw, sb, th, tw, tb, lam, w, tgt, cw, params, need_grad, grads_h, grads_w, grads_b,
+                workspace_rows_count, combine_terms=False):
+    """One walk over the row chunks: per-row losses, and with need_grad the logit gradients
+    contracted into grads_h / grads_w / grads_b (lists, one entry per term, or None).
+    combine_terms: add the CE gradient to the distill one before the GEMMs (one term)."""
+    num_rows = sh.shape[0]
+    V, V_s = params.vocab, sw.shape[0]
+    width = V_s if params.has_targets else V
+    compute = lam.dtype
+    device = sh.device
+    distill_rows = torch.zeros(num_rows, dtype=compute, device=device)
+    ce_rows = torch.zeros(num_rows if params.has_targets else 0, dtype=compute, device=device)
+    chunk = workspace_rows_count
+    ws_s = torch.empty(chunk, width, dtype=compute, device=device)       # student logits -> d distill
+    ws_u = torch.empty(chunk, width, dtype=compute, device=device)       # teacher logits -> d CE
+    block_r, block_v, warps = _row_kernel_config(width)
+    sw_used, tw_used = sw[:width], tw[:V]
+    n_terms = 1 if combine_terms or not params.has_targets else 2
+    for r0 in range(0, num_rows, chunk):
+        r1 = min(num_rows, r0 + chunk)
+        c = r1 - r0
+        S, U = ws_s[:c], ws_u[:c]
+        _matmul(sh[r0:r1], sw_used.T, S)                                 # [c, width]
+        _matmul(th[r0:r1], tw_used.T, U[:, :V])                          # [c, V]
+        _chunk_rows_kernel[(triton.cdiv(c, block_r),)](
+            S, U, lam[r0:], w[r0:], tgt[r0:], cw[r0:], distill_rows[r0:],
+            (ce_rows if params.has_targets else distill_rows)[r0:],
+            sb if sb is not None else lam, tb if tb is not None else lam,
+            c, V, V_s if params.has_targets else 0, S.stride(0), U.stride(0),
+            params.temperature, 1.0 / params.temperature, *params.caps(),
+            REVERSE=params.reverse, NEED_GRAD=need_grad, HAS_SB=sb is not None, HAS_TB=tb is not None,
+            **params.cap_flags(), BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps)
+        if not need_grad:
+            continue
+        if combine_terms and params.has_targets:
+            S.add_(U)                                                    # d distill + d CE, upstream folded in
+        for term, G in enumerate((S, U)[:n_terms]):                      # G: d term / d logits
+            if grads_h is not None:
+                _matmul(G, sw_used, grads_h[term][r0:r1])                # [c, d_s]
+            if grads_w is not None:
+                _matmul(G.T, sh[r0:r1], grads_w[term][:width], accumulate=True)   # [width, d_s]
+            if grads_b is not None:
+                grads_b[term][:width] += G.sum(0)                        # [width]
+    return distill_rows, ce_rows
+
+
 class _ChunkedDistill(torch.autograd.Function):
     """Row-chunked workspace: GEMMs into a bounded [c, V_s'] fp32 workspace, fused row kernel,
-    gradient GEMMs; gradients for unit upstream gradients computed in forward, scaled in backward."""
+    gradient GEMMs. "mean" / "sum": gradients for unit upstream gradients computed in forward,
+    scaled in backward; "none": backward walks the chunks again with each row's upstream
+    gradients folded into its loss weights (w g_distill, cw g_ce)."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 row_lambda, row_weight, targets, ce_weight, params: DistillParams):
         compute = _compute_dtype(student_hidden)
         device = student_hidden.device
         num_rows, d_s = student_hidden.shape
-        V = params.vocab
         V_s = student_weight.shape[0]
-        width = V_s if params.has_targets else V                 # student logit columns needed
-        need_dh = ctx.needs_input_grad[0] and params.grad_enabled
-        need_dw = ctx.needs_input_grad[1] and params.grad_enabled
-        need_grad = need_dh or need_dw
+        width = V_s if params.has_targets else params.vocab              # student logit columns needed
+        per_row = params.reduction == "none"
+        wants = [ctx.needs_input_grad[i] and params.grad_enabled for i in range(3)]
+        grads_now = any(wants) and not per_row
         sh, sw = _pair(student_hidden, student_weight, compute)
         th, tw = _pair(teacher_hidden, teacher_weight, compute)
-        sw, tw = sw[:width], tw[:V]
+        sb = None if student_bias is None else student_bias.detach().to(compute).contiguous()
+        tb = None if teacher_bias is None else teacher_bias.detach().to(compute).contiguous()
         lam, w, tgt, cw = _row_vectors(num_rows, row_lambda, row_weight, targets, ce_weight, compute, device)
-        scale = params.scale(num_rows)
-        T = params.temperature
         n_terms = 2 if params.has_targets else 1
-
-        distill_rows = torch.zeros(num_rows, dtype=compute, device=device)
-        ce_rows = torch.zeros(num_rows if params.has_targets else 0, dtype=compute, device=device)
-        grads_h = [torch.zeros(num_rows, d_s, dtype=compute, device=device) if need_dh else None
-                   for _ in range(n_terms)]
-        grads_w = [torch.zeros(V_s, d_s, dtype=compute, device=device) if need_dw else None
-                   for _ in range(n_terms)]
-
+        shapes = ((num_rows, d_s), (V_s, d_s), (V_s,))
+        grads = [[torch.zeros(shape, dtype=compute, device=device) for _ in range(n_terms)]
+                 if want and grads_now else None for shape, want in zip(shapes, wants)]
         chunk = workspace_rows(num_rows, width, torch.finfo(compute).bits // 8, device, params.workspace_bytes)
-        ws_s = torch.empty(chunk, width, dtype=compute, device=device)       # student logits -> d distill
-        ws_u = torch.empty(chunk, width, dtype=compute, device=device)       # teacher logits -> d CE
-        block_r, block_v, warps = _row_kernel_config(width)
-        for r0 in range(0, num_rows, chunk):
-            r1 = min(num_rows, r0 + chunk)
-            c = r1 - r0
-            S, U = ws_s[:c], ws_u[:c]
-            _matmul(sh[r0:r1], sw.T, S)                                      # [c, width]
-            _matmul(th[r0:r1], tw.T, U[:, :V])                               # [c, V]
-            _chunk_rows_kernel[(triton.cdiv(c, block_r),)](
-                S, U, lam[r0:], w[r0:], tgt[r0:], cw[r0:], distill_rows[r0:],
-                (ce_rows if params.has_targets else distill_rows)[r0:],
-                c, V, V_s if params.has_targets else 0, S.stride(0), U.stride(0),
-                T, 1.0 / T,
-                REVERSE=params.reverse, NEED_GRAD=need_grad, BLOCK_R=block_r, BLOCK_V=block_v,
-                num_warps=warps)
-            if not need_grad:
-                continue
-            for term, G in enumerate((S, U)[:n_terms]):                      # G: d term / d logits
-                if need_dh:
-                    _matmul(G, sw, grads_h[term][r0:r1])                     # [c, d_s]
-                if need_dw:
-                    _matmul(G.T, sh[r0:r1], grads_w[term][:width], accumulate=True)   # [width, d_s]
-        del ws_s, ws_u
-
+        distill_rows, ce_rows = _chunk_pass(sh, sw, sb, th, tw, tb, lam, w, tgt, cw, params, grads_now,
+                                            *grads, chunk)
         ctx.params = params
-        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
-        ctx.save_for_backward(*[g for g in grads_h + grads_w if g is not None])
-        ctx.need = (need_dh, need_dw, n_terms)
+        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype,
+                         None if student_bias is None else student_bias.dtype)
         ctx.num_rows = num_rows
-        distill = distill_rows.sum() * scale
-        if params.has_targets:
-            return distill, ce_rows.sum() * scale
-        return distill
+        ctx.wants = wants
+        if per_row:
+            if any(wants):
+                ctx.save_for_backward(sh, sw, sb, th, tw, tb, lam, w, tgt, cw)
+            outs = (distill_rows, ce_rows)
+        else:
+            ctx.save_for_backward(*[g for term_grads in grads if term_grads is not None for g in term_grads])
+            scale = params.scale(num_rows)
+            outs = (distill_rows.sum() * scale, ce_rows.sum() * scale)
+        return outs if params.has_targets else outs[0]
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        need_dh, need_dw, n_terms = ctx.need
+        params = ctx.params
+        n_terms = 2 if params.has_targets else 1
+        if params.reduction == "none":
+            sh, sw, sb, th, tw, tb, lam, w, tgt, cw = ctx.saved_tensors
+            compute = lam.dtype
+            w = w * grad_outputs[0].to(compute)                      # upstream gradients folded in
+            if params.has_targets:
+                cw = cw * grad_outputs[1].to(compute)
+            shapes = (tuple(sh.shape), tuple(sw.shape), (sw.shape[0],))
+            grads = [[torch.zeros(shape, dtype=compute, device=sh.device)] if want else None
+                     for shape, want in zip(shapes, ctx.wants)]
+            width = sw.shape[0] if params.has_targets else params.vocab
+            chunk = workspace_rows(sh.shape[0], width, torch.finfo(compute).bits // 8, sh.device,
+                                   params.workspace_bytes)
+            _chunk_pass(sh, sw, sb, th, tw, tb, lam, w, tgt, cw, params, True, *grads, chunk, combine_terms=True)
+            out = [None if g is None else g[0].to(dtype) for g, dtype in zip(grads, ctx.in_dtypes)]
+            return (*out, None, None, None, None, None, None, None, None)
         saved = list(ctx.saved_tensors)
-        grads_h = [saved.pop(0) for _ in range(n_terms)] if need_dh else None
-        grads_w = [saved.pop(0) for _ in range(n_terms)] if need_dw else None
+        grads = [[saved.pop(0) for _ in range(n_terms)] if want else None for want in ctx.wants]
+        scale = params.scale(ctx.num_rows)
 
-        scale = ctx.params.scale(ctx.num_rows)
-
-        def combine(grads, dtype):                 # scale * (g_distill G_distill + g_ce G_ce), no sync
-            if grads is None:
+        def combine(term_grads, dtype):            # scale * (g_distill G_distill + g_ce G_ce), no sync
+            if term_grads is None:
                 return None
-            out = grads[0] * (grad_outputs[0].to(grads[0].dtype) * scale)
-            for g, go in zip(grads[1:], grad_outputs[1:]):
+            out = term_grads[0] * (grad_outputs[0].to(term_grads[0].dtype) * scale)
+            for g, go in zip(term_grads[1:], grad_outputs[1:]):
                 out.addcmul_(g, go.to(g.dtype) * scale)  # in place: no third [V_s, d_s] buffer
             return out.to(dtype)
 
-        return (combine(grads_h, ctx.in_dtypes[0]), combine(grads_w, ctx.in_dtypes[1]),
-                None, None, None, None, None, None, None)
+        out = [combine(g, dtype) for g, dtype in zip(grads, ctx.in_dtypes)]
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def _stream_config(elem_bytes: int):
@@ -770,12 +881,14 @@ class _StreamDistill(torch.autograd.Function):
     """Fully streaming: forward keeps 4 statistics per row; backward recomputes the logit tiles."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 row_lambda, row_weight, targets, ce_weight, params: DistillParams):
         compute = _compute_dtype(student_hidden)
         device = student_hidden.device
         num_rows, d_s = student_hidden.shape
         d_t = teacher_hidden.shape[1]
+        sb = None if student_bias is None else student_bias.detach().to(compute).contiguous()
+        tb = None if teacher_bias is None else teacher_bias.detach().to(compute).contiguous()
         V, V_s = params.vocab, student_weight.shape[0]
         sh, sw = _pair(student_hidden, student_weight, compute)
         th, tw = _pair(teacher_hidden, teacher_weight, compute)
@@ -789,9 +902,11 @@ class _StreamDistill(torch.autograd.Function):
         part = torch.empty(split_shared + split_ce, num_rows, 8, dtype=compute, device=device)
         if num_rows:
             _stream_fwd_kernel[(triton.cdiv(num_rows, bm), split_shared + split_ce)](
-                sh, sw, th, tw, lam, tgt, part, num_rows, split_shared,
+                sh, sw, th, tw, lam, tgt, sb if sb is not None else lam, tb if tb is not None else lam,
+                part, num_rows, split_shared,
                 V, V_s if params.has_targets else 0, d_s, d_t, *_stream_strides(sh, sw, th, tw), 1.0 / T,
-                REVERSE=params.reverse, IEEE=sh.dtype in (torch.float32, torch.float64), TILES=tiles,
+                *params.caps(), REVERSE=params.reverse, IEEE=sh.dtype in (torch.float32, torch.float64),
+                TILES=tiles, HAS_SB=sb is not None, HAS_TB=tb is not None, **params.cap_flags(),
                 BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         # Merge the splits (O(N * SPLITS) elementwise): KL = acc / l_a - lse(a) + lse(b), a the weighting side.
         m_z, l_z, m_x, l_x, acc, m_1, l_1, s_t = part.unbind(-1)
@@ -809,8 +924,11 @@ class _StreamDistill(torch.autograd.Function):
             stats[:, 3] = top_1 + torch.log(sum_1)
             ce_rows = cw * (stats[:, 3] - s_t.sum(0))
         ctx.params = params
-        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype)
-        ctx.save_for_backward(sh, sw, th, tw, lam, w, tgt, cw, stats)
+        ctx.in_dtypes = (student_hidden.dtype, student_weight.dtype,
+                         None if student_bias is None else student_bias.dtype)
+        ctx.save_for_backward(sh, sw, sb, th, tw, tb, lam, w, tgt, cw, stats)
+        if params.reduction == "none":
+            return (distill_rows, ce_rows) if params.has_targets else distill_rows
         scale = params.scale(num_rows)
         distill = distill_rows.sum() * scale
         if params.has_targets:
@@ -819,9 +937,9 @@ class _StreamDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        sh, sw, th, tw, lam, w, tgt, cw, stats = ctx.saved_tensors
+        sh, sw, sb, th, tw, tb, lam, w, tgt, cw, stats = ctx.saved_tensors
         params = ctx.params
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dh, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         num_rows, d_s = sh.shape
         d_t = th.shape[1]
         V_s = sw.shape[0]
@@ -829,15 +947,17 @@ class _StreamDistill(torch.autograd.Function):
         scale = params.scale(num_rows)
         T = params.temperature
         # [N] on device, no sync; the 1 / N of "mean" is applied to the fp32 results, not to the logit
-        # gradient that is rounded to the weight dtype for the dot (fp16 would underflow at large N)
+        # gradient that is rounded to the weight dtype for the dot (fp16 would underflow at large N);
+        # "none" gives per-row upstream gradients [N], the others a 0-d one
         coef_d = (grad_outputs[0].to(compute) * T) * w
         coef_c = grad_outputs[1].to(compute) * cw if params.has_targets else coef_d
         dh = torch.zeros(num_rows, d_s, dtype=compute, device=sh.device) if need_dh else stats
         dw_out = torch.zeros(V_s, d_s, dtype=ctx.in_dtypes[1], device=sh.device) if need_dw else None
+        db = torch.zeros(V_s, dtype=compute, device=sh.device) if need_db else None
         bm, bv, bk, warps, stages = _stream_config(sh.element_size())
         width = V_s if params.has_targets else params.vocab
         rows = stream_slab_rows(width, d_s, torch.finfo(compute).bits // 8, bv, params.workspace_bytes)
-        if num_rows and (need_dh or need_dw):
+        if num_rows and (need_dh or need_dw or need_db):
             # Vocabulary slabs [lo, hi), cut at V so each slab is all-distill (+CE) or all-CE: the fp32
             # d-weight accumulator is one slab, cast into the output after its launch. No FLOP is
             # repeated: every logit tile is still recomputed exactly once.
@@ -848,29 +968,38 @@ class _StreamDistill(torch.autograd.Function):
                 shared = lo < params.vocab
                 tiles, splits = _stream_tiles(triton.cdiv(hi - lo, bv))
                 _stream_bwd_kernel[(triton.cdiv(num_rows, bm), splits)](
-                    sh, sw[lo:], th, tw[lo:] if shared else tw, lam, tgt, stats, coef_d, coef_c, dh, dw,
+                    sh, sw[lo:], th, tw[lo:] if shared else tw, lam, tgt,
+                    sb[lo:] if sb is not None else lam, tb[lo:] if tb is not None and shared else lam,
+                    stats, coef_d, coef_c, dh, dw, db[lo:] if need_db else stats,
                     num_rows, lo, hi - lo, d_s, d_t,
-                    *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T,
+                    *_stream_strides(sh, sw, th, tw), dh.stride(0), dw.stride(0), 1.0 / T, *params.caps(),
                     SHARED=shared, REVERSE=params.reverse, HAS_TARGETS=params.has_targets,
-                    NEED_DH=need_dh, NEED_DW=need_dw, DH_ATOMIC=splits > 1,
+                    NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, DH_ATOMIC=splits > 1,
                     IEEE=sh.dtype in (torch.float32, torch.float64), TILES=tiles,
+                    HAS_SB=sb is not None, HAS_TB=tb is not None and shared, **params.cap_flags(),
                     BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
                 if need_dw:
                     dw_out[lo:hi] = dw * scale
         return ((dh * scale).to(ctx.in_dtypes[0]) if need_dh else None, dw_out,
-                None, None, None, None, None, None, None)
+                (db * scale).to(ctx.in_dtypes[2]) if need_db else None,
+                None, None, None, None, None, None, None, None)
 
 
 def fused_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                        row_lambda, row_weight, targets=None, ce_weight=None, *,
                        temperature: float, shared_vocab: int, reverse: bool, reduction: str,
+                       student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None,
                        stream: bool = False, workspace_bytes: int | None = None):
-    """Same arguments, returns and gradients as tide.reference.distill_loss (already checked by
-    tide.losses). stream=False: row-chunked workspace (impl="triton"); stream=True: fully
-    streaming kernels (impl="triton_stream"). workspace_bytes bounds the chunk workspace."""
+    """Same arguments, returns `(distill, ce or None)` and gradients as tide.reference.distill_loss
+    (already checked by tide.losses). stream=False: row-chunked workspace (impl="triton");
+    stream=True: fully streaming kernels (impl="triton_stream"). workspace_bytes bounds the chunk
+    workspace."""
     params = DistillParams(temperature=float(temperature), vocab=int(shared_vocab), reverse=bool(reverse),
                            reduction=reduction, has_targets=targets is not None,
-                           workspace_bytes=workspace_bytes, grad_enabled=torch.is_grad_enabled())
+                           workspace_bytes=workspace_bytes, grad_enabled=torch.is_grad_enabled(),
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     fn = _StreamDistill if stream else _ChunkedDistill
-    return fn.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(),
-                    row_lambda, row_weight, targets, ce_weight, params)
+    out = fn.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+                   None if teacher_bias is None else teacher_bias.detach(), row_lambda, row_weight, targets,
+                   ce_weight, params)
+    return out if targets is not None else (out, None)

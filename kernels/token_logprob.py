@@ -2,8 +2,9 @@
 
 Eager equivalent (tide.reference.token_logprobs):
 
-    logits = hidden.float() @ weight.float().T                     # [N, V]
-    out = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]   # [N]
+    a = hidden.float() @ weight.float().T + bias                   # [N, V] (bias optional)
+    x = c * tanh(a / c)                                            # softcap c (optional; else x = a)
+    out = torch.log_softmax(x, -1).gather(1, targets[:, None])[:, 0]   # [N]
 
 (float64 inputs compute in float64, every other dtype accumulates in float32.)
 
@@ -28,13 +29,16 @@ Backward (recompute; CCE). With `g [N]` the upstream gradient and
 `p = softmax(x)`: d out_i / d x_iv = 1[v = t_i] - p_iv, so
 
     dx_iv = g_i * (1[v = t_i] - exp(x_iv - lse_i))
-    d hidden = dx @ weight        d weight = dx.T @ hidden
+    da_iv = dx_iv * (1 - tanh^2(a_iv / c))          (softcap derivative; da = dx without a cap)
+    d hidden = da @ weight        d weight = da.T @ hidden        d bias = sum_i da_i
 
 One program per (BLOCK_N x BLOCK_V) tile (grouped order, tutorial 03): recompute
-x, form dx in registers, then for each BLOCK_D slice atomically add
-`dx @ weight[v0:, d0:]` into d hidden and `dx.T @ hidden[n0:, d0:]` into d weight
-(float32 / float64 buffers, cast to the input dtype at the end). Either product
-is skipped when its input does not require grad. No gradient filtering.
+x, form da in registers, atomically add its column sums into d bias, then for
+each BLOCK_D slice atomically add `da @ weight[v0:, d0:]` into d hidden and
+`da.T @ hidden[n0:, d0:]` into d weight (float32 / float64 buffers, cast to the
+input dtype at the end). Each product is skipped when its input does not require
+grad. No gradient filtering. Under TRITON_INTERPRET=1, bf16 tiles are upcast to
+float32 before tl.dot (the interpreter's dot misreads bf16, as in kernels/tidal.py).
 
 HBM traffic vs eager (bf16 inputs, N rows, V vocab, width d):
 - eager: writes and reads the `[N, V]` logits several times (matmul out, float
@@ -57,6 +61,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .tidal import INTERPRET_BF16, _lm_logits
 
 
 # --------------------------------------------------------------------------- configs
@@ -92,6 +98,17 @@ def _acc_dtype(dtype):
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc + a @ b in ACC_DTYPE; bf16 tiles upcast under the interpreter (it misreads bf16 in tl.dot)."""
+    if INTERPRET_BF16:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
 def _dot_precision(dtype):
     # float32 inputs must not be rounded to tf32: the reference is full float32.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -104,16 +121,17 @@ def _token_logprob_fwd_kernel(
     hidden_ptr,        # [N, d] hidden states
     weight_ptr,        # [V, d] LM-head weight
     targets_ptr,       # [N] int64 target ids
+    bias_ptr,          # [V] LM-head bias (HAS_BIAS)
     max_ptr,           # [num_splits, N] out: running max per row and split
     sum_ptr,           # [num_splits, N] out: sum of exp(x - max)
     target_logit_ptr,  # [num_splits, N] out: target logit (0 where not in the split)
     # sizes (D and V_SPLIT are loop bounds: compile-time, one build per model width)
     N, V, D: tl.constexpr, V_SPLIT: tl.constexpr,
-    # strides
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    # strides, softcap
+    stride_hn, stride_hd, stride_wv, stride_wd, cap, inv_cap,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -137,7 +155,8 @@ def _token_logprob_fwd_kernel(
                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)           # [BLOCK_N, BLOCK_D]
             w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)           # [BLOCK_V, BLOCK_D]
-            x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            x = _dot(h, tl.trans(w), x, DOT_PRECISION, ACC_DTYPE)
+        x, _ = _lm_logits(x, bias_ptr, cols, col_ok, cap, inv_cap, HAS_BIAS, HAS_CAP)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         is_target = cols[None, :] == targets[:, None]
         target_logit += tl.sum(tl.where(is_target, x, 0.0), axis=1)
@@ -168,14 +187,16 @@ def _token_logprob_bwd_kernel(
     grad_out_ptr,      # [N] upstream gradient g
     grad_hidden_ptr,   # [N, d] out (ACC_DTYPE, zero-initialised, contiguous)
     grad_weight_ptr,   # [V, d] out (ACC_DTYPE, zero-initialised, contiguous)
+    bias_ptr,          # [V] LM-head bias (HAS_BIAS)
+    grad_bias_ptr,     # [V] out (ACC_DTYPE, zero-initialised; HAS_GRAD_BIAS)
     # sizes
     N, V, D: tl.constexpr,
-    # strides
-    stride_hn, stride_hd, stride_wv, stride_wd,
+    # strides, softcap
+    stride_hn, stride_hd, stride_wv, stride_wd, cap, inv_cap,
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-    HAS_GRAD_HIDDEN: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_GRAD_HIDDEN: tl.constexpr, HAS_GRAD_WEIGHT: tl.constexpr, HAS_GRAD_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
 ):
     # grouped tile order (tutorial 03): GROUP_N row tiles sweep the vocabulary together
     pid = tl.program_id(0)
@@ -204,11 +225,16 @@ def _token_logprob_bwd_kernel(
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                     mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        x = tl.dot(h, tl.trans(w), x, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        x = _dot(h, tl.trans(w), x, DOT_PRECISION, ACC_DTYPE)
+    x, tanh_x = _lm_logits(x, bias_ptr, cols, col_ok, cap, inv_cap, HAS_BIAS, HAS_CAP)
     p = tl.exp(x - lse[:, None])
     onehot = (cols[None, :] == targets[:, None]).to(ACC_DTYPE)
     dx = g[:, None] * (onehot - p)
+    if HAS_CAP:
+        dx = dx * (1.0 - tanh_x * tanh_x)          # through the softcap: d x / d a = 1 - tanh^2
     dx = tl.where(row_ok[:, None] & col_ok[None, :], dx, 0.0)
+    if HAS_GRAD_BIAS:
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(dx, axis=0), mask=col_ok)
     dx = dx.to(hidden_ptr.dtype.element_ty)        # operand dtype of the products (CCE does the same)
 
     for d0 in range(0, D, BLOCK_D):
@@ -218,13 +244,13 @@ def _token_logprob_bwd_kernel(
             w = tl.load(weight_ptr + cols.to(tl.int64)[:, None] * stride_wv + dims[None, :] * stride_wd,
                         mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
             tl.atomic_add(grad_hidden_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                          tl.dot(dx, w, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
+                          _dot(dx, w, tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE), DOT_PRECISION, ACC_DTYPE),
                           mask=row_ok[:, None] & dim_ok[None, :])
         if HAS_GRAD_WEIGHT:
             h = tl.load(hidden_ptr + rows.to(tl.int64)[:, None] * stride_hn + dims[None, :] * stride_hd,
                         mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
             tl.atomic_add(grad_weight_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                          tl.dot(tl.trans(dx), h, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE),
+                          _dot(tl.trans(dx), h, tl.zeros((BLOCK_V, BLOCK_D), ACC_DTYPE), DOT_PRECISION, ACC_DTYPE),
                           mask=col_ok[:, None] & dim_ok[None, :])
 
 
@@ -244,7 +270,11 @@ def _num_splits(config, num_rows, vocab, device):
     return triton.cdiv(vocab, v_split), v_split
 
 
-def token_logprob_forward(hidden, weight, targets, config=None):
+def _cap_args(softcap):
+    return (softcap, 1.0 / softcap) if softcap is not None else (1.0, 1.0)
+
+
+def token_logprob_forward(hidden, weight, targets, config=None, bias=None, softcap=None):
     """Returns `(logprobs [N], lse [N])` in the accumulation dtype. No autograd."""
     config = config or default_config(hidden.device, hidden.dtype)
     num_rows, width = hidden.shape
@@ -257,11 +287,12 @@ def token_logprob_forward(hidden, weight, targets, config=None):
     partial = torch.empty(3, splits, num_rows, dtype=acc, device=hidden.device)
     grid = (triton.cdiv(num_rows, config.block_n), splits)
     _token_logprob_fwd_kernel[grid](
-        hidden, weight, targets, partial[0], partial[1], partial[2],
+        hidden, weight, targets, bias if bias is not None else partial, partial[0], partial[1], partial[2],
         num_rows, vocab, width, v_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), *_cap_args(softcap),
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
         ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(hidden.dtype),
+        HAS_BIAS=bias is not None, HAS_CAP=softcap is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     row_max, row_sum, target_logit = partial
@@ -270,60 +301,71 @@ def token_logprob_forward(hidden, weight, targets, config=None):
     return target_logit.sum(0) - lse, lse
 
 
-def token_logprob_backward(hidden, weight, targets, lse, grad_out, need_hidden, need_weight, config=None):
-    """Returns `(grad_hidden or None, grad_weight or None)` in the input dtypes."""
+def token_logprob_backward(hidden, weight, targets, lse, grad_out, need_hidden, need_weight, config=None,
+                           bias=None, softcap=None, need_bias=False):
+    """Returns `(grad_hidden, grad_weight, grad_bias)` (None where not needed) in the input dtypes."""
     config = config or default_config(hidden.device, hidden.dtype)
     num_rows, width = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     grad_hidden = torch.zeros(num_rows, width, dtype=acc, device=hidden.device) if need_hidden else None
     grad_weight = torch.zeros(vocab, width, dtype=acc, device=hidden.device) if need_weight else None
-    if num_rows and (need_hidden or need_weight):
+    grad_bias = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_bias else None
+    if num_rows and (need_hidden or need_weight or need_bias):
         grid = (triton.cdiv(num_rows, config.block_n) * triton.cdiv(vocab, config.block_v),)
         _token_logprob_bwd_kernel[grid](
             hidden, weight, targets, lse, grad_out.to(acc).contiguous(),
             grad_hidden if need_hidden else lse, grad_weight if need_weight else lse,
+            bias if bias is not None else lse, grad_bias if need_bias else lse,
             num_rows, vocab, width,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), *_cap_args(softcap),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d, GROUP_N=config.group_n,
-            HAS_GRAD_HIDDEN=need_hidden, HAS_GRAD_WEIGHT=need_weight,
+            HAS_GRAD_HIDDEN=need_hidden, HAS_GRAD_WEIGHT=need_weight, HAS_GRAD_BIAS=need_bias,
             ACC_DTYPE=_TL_DTYPE[acc], DOT_PRECISION=_dot_precision(hidden.dtype),
+            HAS_BIAS=bias is not None, HAS_CAP=softcap is not None,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return (grad_hidden.to(hidden.dtype) if need_hidden else None,
-            grad_weight.to(weight.dtype) if need_weight else None)
+            grad_weight.to(weight.dtype) if need_weight else None, grad_bias)
 
 
 # --------------------------------------------------------------------------- autograd
 class TokenLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, config):
-        logprobs, lse = token_logprob_forward(hidden, weight, targets, config)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.config = config
+    def forward(ctx, hidden, weight, bias, targets, softcap, config):
+        bias_c = None if bias is None else bias.detach().to(_acc_dtype(hidden.dtype)).contiguous()
+        logprobs, lse = token_logprob_forward(hidden, weight, targets, config, bias_c, softcap)
+        ctx.save_for_backward(hidden, weight, bias_c, targets, lse)
+        ctx.config, ctx.softcap = config, softcap
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden, grad_weight = token_logprob_backward(hidden, weight, targets, lse, grad_out,
-                                                          need_hidden, need_weight, ctx.config)
-        return grad_hidden, grad_weight, None, None
+        hidden, weight, bias_c, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden, grad_weight, grad_bias = token_logprob_backward(
+            hidden, weight, targets, lse, grad_out, need_hidden, need_weight, ctx.config, bias_c, ctx.softcap,
+            need_bias)
+        return grad_hidden, grad_weight, None if grad_bias is None else grad_bias.to(ctx.bias_dtype), None, None, None
 
 
-def fused_token_logprobs(hidden, weight, targets, *, config: TokenLogprobConfig | None = None):
-    """`log_softmax(hidden @ weight.T)[i, targets[i]]` per row, `[N]`, streaming over V.
+def fused_token_logprobs(hidden, weight, targets, *, bias=None, softcap=None,
+                         config: TokenLogprobConfig | None = None):
+    """`log_softmax(softcap * tanh((hidden @ weight.T + bias) / softcap))[i, targets[i]]` per row, `[N]`,
+    streaming over V (no bias / no cap: the plain logits).
 
-    hidden `[N, d]`, weight `[V, d]`, targets `[N]` int64 (arguments checked by
-    tide.losses). Float64 in -> float64 out; anything else -> float32 out.
-    Differentiable w.r.t. hidden and weight, each only if it requires grad. Without
-    grad (the teacher, or torch.no_grad()) it runs the forward alone and saves nothing.
+    hidden `[N, d]`, weight `[V, d]`, bias `[V]` or None, softcap a positive float or None,
+    targets `[N]` int64 (arguments checked by tide.losses). Float64 in -> float64 out; anything
+    else -> float32 out. Differentiable w.r.t. hidden, weight and bias, each only if it requires
+    grad. Without grad (the teacher, or torch.no_grad()) it runs the forward alone and saves nothing.
     """
     if hidden.dtype != weight.dtype:      # one operand dtype for tl.dot
         acc = _acc_dtype(hidden.dtype if hidden.dtype == torch.float64 else weight.dtype)
         hidden, weight = hidden.to(acc), weight.to(acc)
     targets = targets.long().contiguous()
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return TokenLogprobFunction.apply(hidden, weight, targets, config)
-    return token_logprob_forward(hidden, weight, targets, config)[0]
+    needs = (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    if torch.is_grad_enabled() and needs:
+        return TokenLogprobFunction.apply(hidden, weight, bias, targets, softcap, config)
+    bias_c = None if bias is None else bias.detach().to(_acc_dtype(hidden.dtype)).contiguous()
+    return token_logprob_forward(hidden, weight, targets, config, bias_c, softcap)[0]

@@ -175,3 +175,21 @@ def test_calm_loss_end_to_end(mode):
     for got, ref in zip(results["triton"], results["reference"]):
         assert float((got - ref).abs().max()) <= 1e-9 * max(float(ref.abs().max()), 1e-12)
     assert results["reference"][1].abs().max() > 0
+
+
+def test_calm_loss_with_a_bf16_teacher_under_the_interpreter():
+    """A bf16 teacher (its token log-probs through the Triton kernel) gives the float32 result of
+    the same rounded values (before: the interpreter's bf16 tl.dot gave log-probs of about -3e9)."""
+    losses = pytest.importorskip("tide.losses")
+    case = _calm_case(torch.float32, seed=6)
+    teacher = dict(teacher_hidden=case["teacher_hidden"].bfloat16(), teacher_weight=case["teacher_weight"].bfloat16())
+    results = {}
+    for impl in ("triton", "reference"):
+        h = case["student_hidden"].clone().requires_grad_(True)
+        loss = losses.calm_loss(h, case["student_weight"], case["student_targets"], case["student_chunk"],
+                                teacher["teacher_hidden"], teacher["teacher_weight"], case["teacher_targets"],
+                                case["teacher_chunk"], num_chunks=9, reverse=True, impl=impl)
+        loss.backward()
+        results[impl] = (loss.detach(), h.grad)
+    for got, ref in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

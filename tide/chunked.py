@@ -8,22 +8,29 @@ rows), so memory is independent of N.
 
 Distillation (TIDAL / forward KL / reverse KL, + CE), per block of rows:
 
-    s = student_hidden[rows] @ student_weight.T          [R, V_s]   (compute dtype)
-    u = teacher_hidden[rows] @ teacher_weight[:V].T      [R, V]     (no autograd; V = shared_vocab)
-    loss rows and d loss / d s                           [R, V_s]
-    d student_hidden[rows]  = (d loss / d s) @ student_weight
-    d student_weight       += (d loss / d s).T @ student_hidden[rows]
+    a = student_hidden[rows] @ student_weight.T + student_bias      [R, V_s]  (compute dtype)
+    s = c_s * tanh(a / c_s)            (student_softcap c_s; s = a without it)
+    u = c_t * tanh((teacher_hidden[rows] @ teacher_weight[:V].T + teacher_bias[:V]) / c_t)
+                                                                    [R, V]    (no autograd)
+    loss rows and d loss / d a = (d loss / d s) * (1 - tanh^2(a / c_s))        [R, V_s]
+    d student_hidden[rows]  = (d loss / d a) @ student_weight
+    d student_weight       += (d loss / d a).T @ student_hidden[rows]
+    d student_bias         += (d loss / d a).sum(0)
 
-The gradients are computed in the forward walk (one pass of GEMMs, as Liger
-does) and scaled by the upstream gradient in backward. With targets the
-Function has two outputs (distill, ce), so the gradient of each is kept apart
-(`[N, d_s]` and `[V_s, d_s]` each) and combined in backward.
+"mean" / "sum": the gradients are computed in the forward walk (one pass of
+GEMMs, as Liger does) and scaled by the (scalar) upstream gradient in backward.
+With targets the Function has two outputs (distill, ce), so the gradient of each
+is kept apart (`[N, d_s]`, `[V_s, d_s]` and `[V_s]` each) and combined in backward.
+"none": the per-row values `[N]`; an upstream gradient g_i per row cannot be
+applied to a finished `d student_weight`, so backward walks the blocks again and
+scales each row's logit gradient by its g_i before the GEMMs.
 
-Gradients w.r.t. the student logits s at one row (temperature T, x = s / T):
+Gradients w.r.t. the (capped) student logits s at one row (temperature T, x = s / T):
 - TIDAL / forward KL, `T^2 w KL(r || p)` with r detached: `T w (p - r)`;
 - reverse KL, `T^2 KL(p || q)`: d/dx KL = p * (log p - log q - KL), so
   `T p (log p - log q - KL)`;
-- CE at T = 1, `c * CE`: `c (softmax(s) - onehot(target))`.
+- CE at T = 1, `c * CE`: `c (softmax(s) - onehot(target))`;
+and d s / d a = 1 - tanh^2(a / c_s) = 1 - (s / c_s)^2 with a softcap (1 without).
 """
 from __future__ import annotations
 
@@ -43,9 +50,23 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
+def env_bytes(name: str) -> int | None:
+    """A byte budget from the environment variable `name` (None when unset): a positive integer."""
+    text = os.environ.get(name)
+    if text is None or text.strip() == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer number of bytes, got {text!r}")
+    return value
+
+
 def block_rows_for(vocab: int, dtype: torch.dtype, num_rows: int, device_type: str = "cpu") -> int:
     """Rows per block: one `[rows, vocab]` tensor within the budget (`TIDE_CHUNK_BYTES` overrides)."""
-    budget = int(os.environ.get("TIDE_CHUNK_BYTES", 0)) or DEFAULT_CHUNK_BYTES.get(device_type, 2 ** 28)
+    budget = env_bytes("TIDE_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES.get(device_type, 2 ** 28)
     element = torch.finfo(dtype).bits // 8
     rows = budget // (element * max(vocab, 1))
     if "TIDE_CHUNK_BYTES" not in os.environ:
@@ -61,6 +82,16 @@ class DistillParams:
     reverse: bool
     reduction: str
     has_targets: bool
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+
+    def scale(self, num_rows: int) -> float:
+        return 1.0 / max(num_rows, 1) if self.reduction == "mean" else 1.0
+
+
+def _no_autocast(device: torch.device):
+    """The losses compute in float32 (float64) themselves: autocast must not recast their GEMMs."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
@@ -73,29 +104,45 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
 
 
-def _distill_block(hidden, teacher_block, weight, teacher_weight, row_lambda, row_weight, targets,
-                   ce_weight, params, scale):
-    """Loss sums and d loss / d s for one block of rows.
+def _logits_(hidden, weight, bias, softcap, want_derivative=False):
+    """`softcap * tanh((hidden @ weight.T + bias) / softcap)` `[R, V]`, and with want_derivative
+    its derivative w.r.t. the uncapped logits, `1 - tanh^2` `[R, V]` (None without a softcap)."""
+    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+    if softcap is None:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    derivative = torch.mul(tanh, tanh).neg_().add_(1.0) if want_derivative else None
+    return tanh.mul_(softcap), derivative
 
-    hidden `[R, d_s]`, teacher_block `[R, d_t]`, weight `[V_s, d_s]`, teacher_weight
-    `[V_t, d_t]` (compute dtype). Returns (distill_sum, ce_sum, grad_distill `[R, V_s]`,
-    grad_ce `[R, V_s]` or None), gradients already multiplied by `scale` (1/N for "mean").
-    At most four `[R, V]` buffers are alive at once; each is reused in place.
+
+def _distill_block(hidden, teacher_block, weight, bias, teacher_weight, teacher_bias, row_lambda, row_weight,
+                   targets, ce_weight, params, coef_distill, coef_ce, want_grad):
+    """Per-row losses and their logit gradients for one block of rows.
+
+    hidden `[R, d_s]`, teacher_block `[R, d_t]`, weight `[V_s, d_s]`, bias `[V_s]` or None,
+    teacher_weight `[V_t, d_t]`, teacher_bias `[V_t]` or None (compute dtype).
+    Returns (distill_rows `[R]`, ce_rows `[R]` or None, grad_distill `[R, V_s]` or None,
+    grad_ce `[R, V_s]` or None): the gradients of the per-row values w.r.t. the uncapped
+    logits, row i multiplied by coef_distill[i] / coef_ce[i] (a float or `[R]`).
+    At most four `[R, V]` buffers are alive at once (five with a student softcap).
     """
     T = params.temperature
     V = params.shared_vocab
-    s = hidden @ weight.T                                            # student logits [R, V_s]
-    u = teacher_block @ teacher_weight[:V].T                         # teacher logits [R, V]
+    s, derivative = _logits_(hidden, weight, bias, params.student_softcap, want_grad)   # student [R, V_s]
+    u, _ = _logits_(teacher_block, teacher_weight[:V], None if teacher_bias is None else teacher_bias[:V],
+                    params.teacher_softcap)                                            # teacher [R, V]
     log_p = _log_softmax_(s[:, :V] / T)                              # student at T
     row_weight = row_weight.to(s.dtype)
+    grad = None
     if params.reverse:
         log_q = _log_softmax_(u.div_(T))                             # teacher at T, in u's buffer
         p = torch.exp(log_p)
         diff = log_p.sub_(log_q)                                     # log p - log q
         del u, log_q
         kl = _row_dot(p, diff)                                       # KL(p || q) [R]
-        grad = diff.sub_(kl[:, None]).mul_(p)                        # p (log p - log q - KL)
-        del p
+        if want_grad:
+            grad = diff.sub_(kl[:, None]).mul_(p)                    # p (log p - log q - KL)
+        del p, diff
     else:
         # mixture ((1 - lam) s + lam u) / T = (s + lam (u - s)) / T, in u's buffer
         lam = row_lambda.to(s.dtype)[:, None]
@@ -104,140 +151,216 @@ def _distill_block(hidden, teacher_block, weight, teacher_weight, row_lambda, ro
         r = torch.exp(log_r)
         kl = _row_dot(r, log_r.sub_(log_p))                          # KL(r || p) [R]
         del log_r
-        grad = log_p.exp_().sub_(r)                                  # p - r, in log_p's buffer
+        if want_grad:
+            grad = log_p.exp_().sub_(r)                              # p - r, in log_p's buffer
         del r
-    distill_sum = T * T * (row_weight * kl).sum()
-    grad.mul_((T * scale) * row_weight[:, None])
-    if s.shape[1] > V:                                               # logits outside the shared prefix
-        grad = torch.nn.functional.pad(grad, (0, s.shape[1] - V))
+    distill_rows = T * T * row_weight * kl
+    if want_grad:
+        grad.mul_(_column(T * row_weight * coef_distill))
+        if derivative is not None:
+            grad.mul_(derivative[:, :V])
+        if s.shape[1] > V:                                           # logits outside the shared prefix
+            grad = torch.nn.functional.pad(grad, (0, s.shape[1] - V))
     if not params.has_targets:
-        return distill_sum, None, grad, None
+        return distill_rows, None, grad, None
     log_p1 = _log_softmax_(s)                                        # student at T = 1, full V_s, in s
-    ce_rows = -log_p1.gather(1, targets[:, None]).squeeze(1)         # [R]
-    ce_coef = ce_weight.to(s.dtype) if ce_weight is not None else torch.ones_like(ce_rows)
-    grad_ce = log_p1.exp_()                                          # softmax(s) - onehot, in place
-    grad_ce[torch.arange(grad_ce.shape[0], device=s.device), targets] -= 1.0
-    grad_ce.mul_(scale * ce_coef[:, None])
-    return distill_sum, (ce_coef * ce_rows).sum(), grad, grad_ce
+    ce_coef = ce_weight.to(s.dtype) if ce_weight is not None else torch.ones_like(kl)
+    ce_rows = -ce_coef * log_p1.gather(1, targets[:, None]).squeeze(1)   # [R]
+    grad_ce = None
+    if want_grad:
+        grad_ce = log_p1.exp_()                                      # softmax(s) - onehot, in place
+        grad_ce[torch.arange(grad_ce.shape[0], device=s.device), targets] -= 1.0
+        grad_ce.mul_(_column(ce_coef * coef_ce))
+        if derivative is not None:
+            grad_ce.mul_(derivative)
+    return distill_rows, ce_rows, grad, grad_ce
+
+
+def _column(coef):
+    """A per-row coefficient as a column `[R, 1]` (floats stay floats)."""
+    return coef[:, None] if isinstance(coef, torch.Tensor) and coef.dim() == 1 else coef
 
 
 class _DistillFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight,
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 row_lambda, row_weight, targets, ce_weight, params: DistillParams):
         dtype = _compute_dtype(student_hidden)
+        device = student_hidden.device
         num_rows = student_hidden.shape[0]
-        scale = 1.0 / max(num_rows, 1) if params.reduction == "mean" else 1.0
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale = params.scale(num_rows)
+        per_row = params.reduction == "none"
+        wants = ctx.needs_input_grad[:3]                              # hidden, weight, bias
+        grads_now = any(wants) and not per_row                        # "mean" / "sum": gradients in forward
         terms = 2 if params.has_targets else 1
         weight_c = student_weight.to(dtype)                          # [V_s, d_s] (a view for fp32/fp64)
+        bias_c = None if student_bias is None else student_bias.detach().to(dtype)
         teacher_weight_c = teacher_weight.detach().to(dtype)         # [V_t, d_t]
-        grad_hidden = [torch.zeros(student_hidden.shape, dtype=dtype, device=student_hidden.device)
-                       for _ in range(terms)] if want_hidden else None
-        grad_weight = [torch.zeros(student_weight.shape, dtype=dtype, device=student_weight.device)
-                       for _ in range(terms)] if want_weight else None
-        sums = [student_hidden.new_zeros((), dtype=dtype) for _ in range(terms)]
-        block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows,
-                               student_hidden.device.type)
-        with torch.no_grad():
+        teacher_bias_c = None if teacher_bias is None else teacher_bias.detach().to(dtype)
+        shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
+        grads = [[torch.zeros(shape, dtype=dtype, device=device) for _ in range(terms)]
+                 if grads_now and want else None for shape, want in zip(shapes, wants)]
+        distill_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+        ce_rows = torch.zeros(num_rows, dtype=dtype, device=device) if params.has_targets else None
+        block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows, device.type)
+        with torch.no_grad(), _no_autocast(device):
             for start in range(0, num_rows, block):
                 rows = slice(start, min(start + block, num_rows))
                 hidden = student_hidden[rows].to(dtype)              # [R, d_s]
                 results = _distill_block(
-                    hidden, teacher_hidden[rows].to(dtype), weight_c, teacher_weight_c,
+                    hidden, teacher_hidden[rows].to(dtype), weight_c, bias_c, teacher_weight_c, teacher_bias_c,
                     row_lambda[rows], row_weight[rows],
                     targets[rows] if targets is not None else None,
-                    ce_weight[rows] if ce_weight is not None else None, params, scale)
-                for term in range(terms):
-                    sums[term] += results[term]
-                    grad_logits = results[2 + term]                  # [R, V_s]
-                    if want_hidden:
-                        grad_hidden[term][rows] = grad_logits @ weight_c
-                    if want_weight:
-                        grad_weight[term].addmm_(grad_logits.T, hidden)
-        losses = [total * scale for total in sums]
+                    ce_weight[rows] if ce_weight is not None else None, params, scale, scale, grads_now)
+                distill_rows[rows] = results[0]
+                if params.has_targets:
+                    ce_rows[rows] = results[1]
+                if grads_now:
+                    for term in range(terms):
+                        _add_logit_grad(results[2 + term], rows, hidden, weight_c, *(
+                            g[term] if g is not None else None for g in grads))
         ctx.params = params
-        ctx.grads = (grad_hidden, grad_weight)
-        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype)
+        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype,
+                            None if student_bias is None else student_bias.dtype)
+        if per_row:
+            ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                  teacher_bias, row_lambda, row_weight, targets, ce_weight)
+            losses = [distill_rows] + ([ce_rows] if params.has_targets else [])
+        else:
+            ctx.grads = grads
+            losses = [distill_rows.sum() * scale] + ([ce_rows.sum() * scale] if params.has_targets else [])
         return tuple(losses) if params.has_targets else losses[0]
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        grad_hidden, grad_weight = ctx.grads
-        hidden_dtype, weight_dtype = ctx.input_dtypes
+        params = ctx.params
+        if params.reduction == "none":
+            grads = _recompute_grads(ctx, grad_outputs)
+        else:
+            def combine(term_grads):
+                """sum_k grad_output_k * grads_k (out of place: backward may run again with retain_graph)."""
+                if term_grads is None:
+                    return None
+                total = term_grads[0] * grad_outputs[0]
+                for grad, grad_output in zip(term_grads[1:], grad_outputs[1:]):
+                    total.addcmul_(grad, grad_output)
+                return total
+            grads = [combine(g) for g in ctx.grads]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.input_dtypes)]
+        return (*grads, None, None, None, None, None, None, None, None)
 
-        def combine(grads, out_dtype):
-            """sum_k grad_output_k * grads_k (out of place: backward may run again with retain_graph)."""
-            if grads is None:
-                return None
-            total = grads[0] * grad_outputs[0]
-            for grad, grad_output in zip(grads[1:], grad_outputs[1:]):
-                total.addcmul_(grad, grad_output)
-            return total.to(out_dtype)
 
-        return (combine(grad_hidden, hidden_dtype), combine(grad_weight, weight_dtype),
-                None, None, None, None, None, None, None)
+def _add_logit_grad(grad_logits, rows, hidden, weight, grad_hidden, grad_weight, grad_bias):
+    """Contract one block's logit gradient `[R, V_s]` into the hidden / weight / bias gradients."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T, hidden)
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0))
+
+
+def _recompute_grads(ctx, grad_outputs):
+    """reduction="none": walk the blocks again, each row's logit gradient scaled by its upstream g_i."""
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+     row_lambda, row_weight, targets, ce_weight) = ctx.saved_tensors
+    params = ctx.params
+    dtype = _compute_dtype(student_hidden)
+    device = student_hidden.device
+    num_rows = student_hidden.shape[0]
+    shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
+    grads = [torch.zeros(shape, dtype=dtype, device=device) if want else None
+             for shape, want in zip(shapes, ctx.needs_input_grad[:3])]
+    weight_c = student_weight.detach().to(dtype)
+    bias_c = None if student_bias is None else student_bias.detach().to(dtype)
+    teacher_weight_c = teacher_weight.to(dtype)
+    teacher_bias_c = None if teacher_bias is None else teacher_bias.to(dtype)
+    grad_distill = grad_outputs[0].to(dtype)
+    grad_ce = grad_outputs[1].to(dtype) if params.has_targets else None
+    block = block_rows_for(max(student_weight.shape[0], teacher_weight.shape[0]), dtype, num_rows, device.type)
+    with torch.no_grad(), _no_autocast(device):
+        for start in range(0, num_rows, block):
+            rows = slice(start, min(start + block, num_rows))
+            hidden = student_hidden[rows].detach().to(dtype)
+            _, _, grad, grad_c = _distill_block(
+                hidden, teacher_hidden[rows].to(dtype), weight_c, bias_c, teacher_weight_c, teacher_bias_c,
+                row_lambda[rows], row_weight[rows], targets[rows] if targets is not None else None,
+                ce_weight[rows] if ce_weight is not None else None, params,
+                grad_distill[rows], grad_ce[rows] if grad_ce is not None else None, True)
+            if grad_c is not None:
+                grad.add_(grad_c)
+            _add_logit_grad(grad, rows, hidden, weight_c, *grads)
+    return grads
 
 
 def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                  row_lambda, row_weight, targets=None, ce_weight=None, *,
-                 temperature: float, shared_vocab: int, reverse: bool, reduction: str):
-    """Same contract as `tide.reference.distill_loss`, in bounded memory."""
+                 temperature: float, shared_vocab: int, reverse: bool, reduction: str,
+                 student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None):
+    """Same contract as `tide.reference.distill_loss` (returns `(distill, ce or None)`), in bounded memory."""
     params = DistillParams(temperature=temperature, shared_vocab=shared_vocab, reverse=reverse,
-                           reduction=reduction, has_targets=targets is not None)
-    return _DistillFunction.apply(student_hidden, student_weight, teacher_hidden.detach(),
-                                  teacher_weight.detach(), row_lambda, row_weight, targets,
-                                  ce_weight, params)
+                           reduction=reduction, has_targets=targets is not None,
+                           student_softcap=student_softcap, teacher_softcap=teacher_softcap)
+    out = _DistillFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                 row_lambda, row_weight, targets, ce_weight, params)
+    return out if targets is not None else (out, None)
 
 
 class _TokenLogprobFunction(torch.autograd.Function):
-    """log softmax(hidden @ weight.T)[target] per row; saves only the per-row LSE `[N]`.
+    """log softmax(softcap(hidden @ weight.T + bias))[target] per row; saves only the per-row LSE `[N]`.
 
-    Backward recomputes each block's logits: d logprob_i / d logits_i = onehot - softmax.
+    Backward recomputes each block's logits: d logprob_i / d s_i = onehot - softmax, times
+    d s / d a = 1 - tanh^2(a / softcap) with a softcap.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, bias, targets, softcap):
         dtype = _compute_dtype(hidden)
         num_rows = hidden.shape[0]
         weight_c = weight.to(dtype)
+        bias_c = None if bias is None else bias.to(dtype)
         logprobs = torch.empty(num_rows, dtype=dtype, device=hidden.device)
         lse = torch.empty(num_rows, dtype=dtype, device=hidden.device)
         block = block_rows_for(weight.shape[0], dtype, num_rows, hidden.device.type)
-        with torch.no_grad():
+        with torch.no_grad(), _no_autocast(hidden.device):
             for start in range(0, num_rows, block):
                 rows = slice(start, min(start + block, num_rows))
-                logits = hidden[rows].to(dtype) @ weight_c.T            # [R, V]
+                logits, _ = _logits_(hidden[rows].to(dtype), weight_c, bias_c, softcap)   # [R, V]
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse[rows]
-        if any(ctx.needs_input_grad[:2]):
-            ctx.save_for_backward(hidden, weight, targets, lse)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap = softcap
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_logprobs):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         dtype = lse.dtype
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        weight_c = weight.to(dtype)
-        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if want_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if want_weight else None
+        weight_c = weight.detach().to(dtype)
+        bias_c = None if bias is None else bias.detach().to(dtype)
+        shapes = (hidden.shape, weight.shape, weight.shape[:1])
+        grads = [torch.zeros(shape, dtype=dtype, device=hidden.device) if want else None
+                 for shape, want in zip(shapes, ctx.needs_input_grad[:3])]
         num_rows = hidden.shape[0]
         block = block_rows_for(weight.shape[0], dtype, num_rows, hidden.device.type)
-        for start in range(0, num_rows, block):
-            rows = slice(start, min(start + block, num_rows))
-            block_hidden = hidden[rows].to(dtype)
-            grad_logits = (block_hidden @ weight_c.T).sub_(lse[rows, None]).exp_().neg_()   # -softmax
-            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows]] += 1.0
-            grad_logits.mul_(grad_logprobs[rows, None].to(dtype))
-            if want_hidden:
-                grad_hidden[rows] = grad_logits @ weight_c
-            if want_weight:
-                grad_weight.addmm_(grad_logits.T, block_hidden)
-        return (grad_hidden.to(hidden.dtype) if want_hidden else None,
-                grad_weight.to(weight.dtype) if want_weight else None, None)
+        with torch.no_grad(), _no_autocast(hidden.device):
+            for start in range(0, num_rows, block):
+                rows = slice(start, min(start + block, num_rows))
+                block_hidden = hidden[rows].detach().to(dtype)
+                logits, derivative = _logits_(block_hidden, weight_c, bias_c, ctx.softcap, True)
+                grad_logits = logits.sub_(lse[rows, None]).exp_().neg_()                   # -softmax
+                grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), targets[rows]] += 1.0
+                grad_logits.mul_(grad_logprobs[rows, None].to(dtype))
+                if derivative is not None:
+                    grad_logits.mul_(derivative)
+                _add_logit_grad(grad_logits, rows, block_hidden, weight_c, *grads)
+        out_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        grads = [None if g is None else g.to(d) for g, d in zip(grads, out_dtypes)]
+        return (*grads, None, None)
 
 
-def token_logprobs(hidden, weight, targets):
+def token_logprobs(hidden, weight, targets, bias=None, softcap=None):
     """Same contract as `tide.reference.token_logprobs`, in bounded memory."""
-    return _TokenLogprobFunction.apply(hidden, weight, targets)
+    return _TokenLogprobFunction.apply(hidden, weight, bias, targets, softcap)

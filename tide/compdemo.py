@@ -156,6 +156,8 @@ def teacher_inputs(input_ids, masked, mask_token_id, demo_ratio=0.5, *, chunk_id
     _check_generator(generator)
     if chunk_ids is not None:
         _check_ids("chunk_ids", chunk_ids, masked.shape, masked.device)
+        if chunk_ids.numel() and int(chunk_ids.min()) < -1:
+            raise ValueError(f"chunk_ids must be >= 0 (a chunk) or -1 (no chunk), got min {int(chunk_ids.min())}")
     mask_a, mask_b, pass1_ids, pass2_ids = _split(masked, demo_ratio, input_ids, mask_token_id, chunk_ids,
                                                   generator)
     return CompDemoInputs(mask_a=mask_a, mask_b=mask_b, pass1_ids=pass1_ids, pass2_ids=pass2_ids)
@@ -174,6 +176,9 @@ def merge_teacher_hidden(hidden_pass1, hidden_pass2, mask_a):
     if hidden_pass1.shape != hidden_pass2.shape:
         raise ValueError(f"hidden_pass1 {tuple(hidden_pass1.shape)} and hidden_pass2 "
                          f"{tuple(hidden_pass2.shape)} must have the same shape")
+    if hidden_pass1.dtype != hidden_pass2.dtype:     # torch.where would promote silently
+        raise TypeError(f"hidden_pass1 ({hidden_pass1.dtype}) and hidden_pass2 ({hidden_pass2.dtype}) "
+                        f"must have the same dtype (the same teacher, run twice)")
     _check_masked(mask_a, name="mask_a", shape_hint="[b, l]")
     if tuple(mask_a.shape) != tuple(hidden_pass1.shape[:2]):
         raise ValueError(f"mask_a must have shape [b, l] = {tuple(hidden_pass1.shape[:2])}, got {tuple(mask_a.shape)}")

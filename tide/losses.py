@@ -1,7 +1,10 @@
 """The public losses (API.md): argument checks in one place, then dispatch on `impl`.
 
-Fused-linear form: callers pass final hidden states and LM-head weights of the
-rows that take part (the masked positions); no implementation except
+Fused-linear form: callers pass final hidden states `[..., d]` (any leading dims,
+e.g. `[b, l, d]`) and LM-head weights; per-row tensors are shaped like the leading
+dims. The rows that take part are chosen by `ignore_index` on the targets and / or a
+boolean `row_mask`; they are gathered here (an `[N_rows, d]` copy, never `[..., V]`),
+so every implementation sees flat `[N, d]` rows. No implementation except
 "reference" ever holds an `[N, V]` tensor.
 
 impl:
@@ -12,10 +15,16 @@ impl:
   (logit tiles never leave the chip, O(N) extra memory, more FLOPs);
 - "chunked": pure PyTorch, bounded memory, any device;
 - "reference": eager, materialises logits; the ground truth.
+
+Every impl computes in float32 (float64 for float64 inputs) whatever the input dtype,
+and autocast is switched off inside the losses: the result is the same with or
+without `torch.autocast` (CPU or CUDA, bf16 or fp16).
 """
 from __future__ import annotations
 
+import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,59 +32,176 @@ from torch import nn
 from . import chunked, reference, schedules
 
 IMPLS = ("auto", "triton", "triton_stream", "chunked", "reference")
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
+IGNORE_INDEX = -100          # torch.nn.functional.cross_entropy's default
+
+
+class DistillOutput(NamedTuple):
+    """What `tidal_loss` and `kl_loss` return, whatever the options: `(distill, ce)`.
+
+    `distill`: the distillation term; `ce`: the CE term of `targets`, None without targets.
+    Each is a 0-d tensor for reduction "mean" / "sum", per-row values shaped like the
+    leading dims of the hidden states for "none" (0 at rows that take no part).
+    """
+    distill: torch.Tensor
+    ce: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------- checks
+def _is_number(value) -> bool:
+    """A real Python number; booleans are not numbers here (`temperature=True` is a mistake)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_choice(name, value, choices):
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _check_matrix(name, tensor, rows=None, cols=None, rows_name="N", cols_name="d"):
-    """A floating 2-D tensor, optionally with a given number of rows / columns."""
+def _check_float(name, value, low=None, high=None, *, open_low=False, tensor_ok=False, hint=""):
+    """A finite real number in [low, high] ((low, high] with open_low); a 0-d tensor with tensor_ok."""
+    if tensor_ok and isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+        value = value.item()
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_low else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        if low == 0 and high is None and open_low:
+            what = "a finite positive number"
+        else:
+            what = f"a finite number in {'(' if open_low else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be {what}{hint}, got {value!r}")
+    return float(value)
+
+
+def _check_int(name, value, low=None):
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise ValueError(f"{name} must be an int{'' if low is None else f' >= {low}'}, got {value!r}")
+    return value
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_softcap(name, value):
+    if value is not None:
+        _check_float(name, value, 0, open_low=True,
+                     hint=" (the logits become softcap * tanh(logits / softcap)) or None")
+        return float(value)
+    return None
+
+
+def _shape_text(lead) -> str:
+    return f"[N={lead[0]}]" if len(lead) == 1 else str(list(lead))
+
+
+def _check_tensor(name, tensor, shape_text):
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [{rows_name}, {cols_name}], "
-                        f"got {type(tensor).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
+
+
+def _check_float_tensor(name, tensor):
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), "
                         f"got {tensor.dtype}")
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must have shape [{rows_name}, {cols_name}], got {tuple(tensor.shape)}")
-    if rows is not None and tensor.shape[0] != rows:
-        raise ValueError(f"{name} must have shape [{rows_name}={rows}, {cols_name}], "
-                         f"got {tuple(tensor.shape)}")
-    if cols is not None and tensor.shape[1] != cols:
-        raise ValueError(f"{name} must have shape [{rows_name}, {cols_name}={cols}], "
+
+
+def _check_hidden(name, tensor, width_name, lead=None, lead_name="student_hidden"):
+    """Hidden states `[..., d]`; with `lead`, the leading dims must be exactly those."""
+    _check_tensor(name, tensor, f"[..., {width_name}]")
+    _check_float_tensor(name, tensor)
+    if tensor.dim() < 2:
+        raise ValueError(f"{name} must have shape [N, {width_name}] or [b, l, {width_name}] "
+                         f"(hidden states, any leading dims), got {tuple(tensor.shape)}")
+    if lead is not None and tuple(tensor.shape[:-1]) != tuple(lead):
+        shape = f"[N={lead[0]}, {width_name}]" if len(lead) == 1 else f"{list(lead) + [width_name]}"
+        raise ValueError(f"{name} must have shape {shape} (the leading dims of {lead_name}), "
                          f"got {tuple(tensor.shape)}")
 
 
-def _check_rows(name, tensor, num_rows, *, integer=False, low=None, high=None, device=None):
-    """A 1-D per-row tensor `[N]`; integer ids in [low, high) or floats in [low, high]."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [N={num_rows}], got {type(tensor).__name__}")
-    if tensor.dim() != 1 or tensor.shape[0] != num_rows:
-        raise ValueError(f"{name} must have shape [N={num_rows}] (one value per row), got {tuple(tensor.shape)}")
+def _check_weight(name, weight, hidden, hidden_name, vocab_name, width_name):
+    """LM-head weight `[V, d]` with V >= 1 and d the hidden states' last dim."""
+    _check_tensor(name, weight, f"[{vocab_name}, {width_name}]")
+    _check_float_tensor(name, weight)
+    width = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [{vocab_name}, {width_name}] with {vocab_name} >= 1, "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[1] != width:
+        hint = ""
+        if width == weight.shape[0]:
+            hint = (f"; {hidden_name}'s last dim equals {vocab_name}={width}: these look like logits, "
+                    f"but hidden states [..., {width_name}={weight.shape[1]}] (before the LM head) were expected")
+        raise ValueError(f"{name} must have shape [{vocab_name}, {width_name}={width}], "
+                         f"got {tuple(weight.shape)}{hint}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{name} must be on {hidden.device} like {hidden_name}, got {weight.device}")
+
+
+def _check_bias(name, bias, weight, weight_name, vocab_name):
+    if bias is None:
+        return
+    _check_tensor(name, bias, f"[{vocab_name}]")
+    _check_float_tensor(name, bias)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name} must have shape [{vocab_name}={weight.shape[0]}] (one per row of {weight_name}), "
+                         f"got {tuple(bias.shape)}")
+    if bias.device != weight.device:
+        raise ValueError(f"{name} must be on {weight.device} like {weight_name}, got {bias.device}")
+
+
+def _check_rows(name, tensor, lead, *, low=None, high=None, device=None, lead_name="student_hidden"):
+    """A floating per-row tensor shaped like the leading dims, finite, in [low, high] when given."""
+    shape = _shape_text(lead)
+    _check_tensor(name, tensor, shape)
+    if tuple(tensor.shape) != tuple(lead):
+        raise ValueError(f"{name} must have shape {shape} (one value per row, the leading dims of {lead_name}), "
+                         f"got {tuple(tensor.shape)}")
     if device is not None and tensor.device != device:
-        raise ValueError(f"{name} must be on {device} like the hidden states, got {tensor.device}")
-    if integer:
-        if tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
-        # One small reduction; argument checks are not on the per-element hot path.
-        if tensor.numel() and (int(tensor.min()) < low or int(tensor.max()) >= high):
-            raise ValueError(f"{name} values must lie in [{low}, {high}), "
-                             f"got min {int(tensor.min())}, max {int(tensor.max())}")
-    else:
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
-        if tensor.numel() and low is not None and (float(tensor.min()) < low or float(tensor.max()) > high):
-            raise ValueError(f"{name} values must lie in [{low}, {high}], "
-                             f"got min {float(tensor.min())}, max {float(tensor.max())}")
+        raise ValueError(f"{name} must be on {device} like {lead_name}, got {tensor.device}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {tensor.dtype}")
+    # One small reduction; argument checks are not on the per-element hot path.
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be finite, got NaN or inf")
+    if tensor.numel() and low is not None and (float(tensor.min()) < low or float(tensor.max()) > high):
+        raise ValueError(f"{name} values must lie in [{low}, {high}], "
+                         f"got min {float(tensor.min())}, max {float(tensor.max())}")
 
 
-def _check_temperature(temperature):
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+def _check_ids(name, tensor, lead, high, *, device, ignore_index=None, lead_name="student_hidden"):
+    """Integer ids shaped like the leading dims, in [0, high) or equal to ignore_index."""
+    shape = _shape_text(lead)
+    _check_tensor(name, tensor, shape)
+    if tuple(tensor.shape) != tuple(lead):
+        raise ValueError(f"{name} must have shape {shape} (one value per row, the leading dims of {lead_name}), "
+                         f"got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on {device} like {lead_name}, got {tensor.device}")
+    if tensor.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}")
+    values = tensor if ignore_index is None else tensor[tensor != ignore_index]
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= high):
+        also = "" if ignore_index is None else f" (or equal ignore_index={ignore_index})"
+        raise ValueError(f"{name} values must lie in [0, {high}){also}, "
+                         f"got min {int(values.min())}, max {int(values.max())}")
+
+
+def _check_row_mask(name, mask, lead, device, lead_name="student_hidden"):
+    if mask is None:
+        return
+    shape = _shape_text(lead)
+    _check_tensor(name, mask, shape)
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
+        raise ValueError(f"{name} must be a bool tensor of shape {shape} (True: the row takes part), "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {device} like {lead_name}, got {mask.device}")
 
 
 def _shared_vocab(shared_vocab, student_vocab, teacher_vocab):
@@ -86,7 +212,8 @@ def _shared_vocab(shared_vocab, student_vocab, teacher_vocab):
                 f"student_weight has V_s={student_vocab} rows but teacher_weight has V_t={teacher_vocab}; "
                 f"pass shared_vocab=<size of the common prefix> (at most {min(student_vocab, teacher_vocab)})")
         return student_vocab
-    if not isinstance(shared_vocab, int) or not 1 <= shared_vocab <= min(student_vocab, teacher_vocab):
+    if not isinstance(shared_vocab, int) or isinstance(shared_vocab, bool) \
+            or not 1 <= shared_vocab <= min(student_vocab, teacher_vocab):
         raise ValueError(f"shared_vocab must be an int in [1, min(V_s, V_t)={min(student_vocab, teacher_vocab)}], "
                          f"got {shared_vocab!r}")
     return shared_vocab
@@ -103,167 +230,301 @@ def _resolve_impl(impl, device, allowed=IMPLS):
     return impl
 
 
-def _check_distill(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                   temperature, shared_vocab, targets, ce_weight, reduction):
-    _check_matrix("student_hidden", student_hidden, cols_name="d_s")
-    num_rows, student_width = student_hidden.shape
-    _check_matrix("student_weight", student_weight, cols=student_width, rows_name="V_s", cols_name="d_s")
-    _check_matrix("teacher_hidden", teacher_hidden, rows=num_rows, cols_name="d_t")
-    _check_matrix("teacher_weight", teacher_weight, cols=teacher_hidden.shape[1], rows_name="V_t", cols_name="d_t")
-    for name, tensor in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
-                         ("teacher_weight", teacher_weight)):
-        if tensor.device != student_hidden.device:
-            raise ValueError(f"{name} must be on {student_hidden.device} like student_hidden, got {tensor.device}")
-    _check_temperature(temperature)
+def _check_distill_options(temperature, shared_vocab, reduction, impl, ignore_index, student_softcap,
+                           teacher_softcap):
+    """The options of tidal_loss / kl_loss that do not depend on the tensors (also run by the modules)."""
+    _check_float("temperature", temperature, 0, open_low=True)
+    if shared_vocab is not None:
+        _check_int("shared_vocab", shared_vocab, low=1)
     _check_choice("reduction", reduction, REDUCTIONS)
-    vocab = _shared_vocab(shared_vocab, student_weight.shape[0], teacher_weight.shape[0])
-    if targets is not None:
-        _check_rows("targets", targets, num_rows, integer=True, low=0, high=student_weight.shape[0],
-                    device=student_hidden.device)
-        targets = targets.long()
-    if ce_weight is not None:
-        if targets is None:
-            raise ValueError("ce_weight is given but targets is None: ce_weight weights the CE term of targets")
-        _check_rows("ce_weight", ce_weight, num_rows, device=student_hidden.device)
-    return num_rows, vocab, targets
+    _check_choice("impl", impl, IMPLS)
+    if ignore_index is not None:
+        _check_int("ignore_index", ignore_index)
+    _check_softcap("student_softcap", student_softcap)
+    _check_softcap("teacher_softcap", teacher_softcap)
 
 
-def _distill_dispatch(impl, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                      row_lambda, row_weight, targets, ce_weight, *, temperature, vocab, reverse, reduction):
-    impl = _resolve_impl(impl, student_hidden.device)
-    kwargs = dict(temperature=float(temperature), shared_vocab=vocab, reverse=reverse, reduction=reduction)
-    args = (student_hidden, student_weight, teacher_hidden, teacher_weight, row_lambda, row_weight,
-            targets, ce_weight)
-    if impl == "reference":
-        return reference.distill_loss(*args, **kwargs)
-    if impl == "chunked":
-        return chunked.distill_loss(*args, **kwargs)
-    from .kernels import tidal as tidal_kernels
-    return tidal_kernels.fused_distill_loss(*args, **kwargs, stream=(impl == "triton_stream"))
-
-
-# --------------------------------------------------------------------------- losses
-def tidal_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio, progress, *,
-               lambda_init=0.1, lambda_max=0.9, schedule="cosine", axis="both",
-               timestep_weight="midrange", temperature=2.0, shared_vocab=None, targets=None,
-               ce_weight=None, reduction="mean", impl="auto"):
-    """TIDAL distillation loss (SPEC.md §2.1), optionally with the CE term in the same vocab pass.
-
-    student_hidden `[N, d_s]`, student_weight `[V_s, d_s]`, teacher_hidden `[N, d_t]`,
-    teacher_weight `[V_t, d_t]`, mask_ratio `[N]` (t of each row's sequence, in [0, 1]),
-    progress = step / max_steps in [0, 1].
-    Returns `T^2 * sum_i w_i KL(r_i || p_i)` (/N for "mean"); with targets `[N]` the pair
-    `(distill, ce)`, `ce = sum_i ce_weight_i * CE_i` (/N for "mean").
-    Gradients reach student_hidden and student_weight; the teacher gets none.
-    """
-    num_rows, vocab, targets = _check_distill(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                              temperature, shared_vocab, targets, ce_weight, reduction)
-    _check_rows("mask_ratio", mask_ratio, num_rows, low=0.0, high=1.0, device=student_hidden.device)
-    if not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress must be a float in [0, 1] (step / max_steps), got {progress!r}")
+def _check_tidal_options(lambda_init, lambda_max, schedule, axis, timestep_weight):
     for name, value in (("lambda_init", lambda_init), ("lambda_max", lambda_max)):
-        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+        _check_float(name, value, 0.0, 1.0)
     _check_choice("schedule", schedule, schedules.SCHEDULES)
     _check_choice("axis", axis, schedules.AXES)
     _check_choice("timestep_weight", timestep_weight, schedules.TIMESTEP_WEIGHTS)
-    row_lambda = schedules.row_lambda(mask_ratio, float(progress), lambda_init, lambda_max, schedule, axis)
-    row_weight = schedules.timestep_weight(mask_ratio, timestep_weight)
-    return _distill_dispatch(impl, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                             row_lambda, row_weight, targets, ce_weight, temperature=temperature,
-                             vocab=vocab, reverse=False, reduction=reduction)
+
+
+def _no_autocast(device):
+    """Switch autocast off inside a loss: every impl accumulates in float32 itself."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------- rows taking part
+class _Rows:
+    """The rows that take part, out of the flattened leading dims: `gather` picks them from a
+    `[..., *]` tensor, `scatter` puts per-row results back (0 elsewhere), shaped like the dims."""
+
+    def __init__(self, lead, keep):
+        self.lead, self.total = tuple(lead), math.prod(lead)
+        self.index = None
+        if keep is not None and not bool(keep.all()):
+            self.index = keep.reshape(-1).nonzero().squeeze(1)
+
+    @property
+    def count(self):
+        return self.total if self.index is None else self.index.numel()
+
+    def gather(self, tensor):
+        if tensor is None:
+            return None
+        flat = tensor.reshape(self.total, *tensor.shape[len(self.lead):])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def scatter(self, values):
+        if values is None:
+            return None
+        if self.index is not None:
+            values = values.new_zeros(self.total).index_copy(0, self.index, values)
+        return values.reshape(self.lead)
+
+
+def _keep(targets, ignore_index, row_mask):
+    keep = None
+    if targets is not None and ignore_index is not None:
+        keep = targets != ignore_index
+    if row_mask is not None:
+        keep = row_mask if keep is None else keep & row_mask
+    return keep
+
+
+# --------------------------------------------------------------------------- distillation
+def _distill(student_hidden, student_weight, teacher_hidden, teacher_weight, *, mask_ratio, tidal, reverse,
+             temperature, shared_vocab, targets, ce_weight, row_mask, ignore_index, student_bias, teacher_bias,
+             student_softcap, teacher_softcap, reduction, impl):
+    """Checks, row selection, per-row TIDAL quantities, dispatch, and the DistillOutput."""
+    _check_distill_options(temperature, shared_vocab, reduction, impl, ignore_index, student_softcap,
+                           teacher_softcap)
+    _check_hidden("student_hidden", student_hidden, "d_s")
+    lead = tuple(student_hidden.shape[:-1])
+    device = student_hidden.device
+    _check_weight("student_weight", student_weight, student_hidden, "student_hidden", "V_s", "d_s")
+    _check_hidden("teacher_hidden", teacher_hidden, "d_t", lead=lead)
+    if teacher_hidden.device != device:
+        raise ValueError(f"teacher_hidden must be on {device} like student_hidden, got {teacher_hidden.device}")
+    _check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden", "V_t", "d_t")
+    _check_bias("student_bias", student_bias, student_weight, "student_weight", "V_s")
+    _check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight", "V_t")
+    vocab = _shared_vocab(shared_vocab, student_weight.shape[0], teacher_weight.shape[0])
+    if targets is not None:
+        _check_ids("targets", targets, lead, student_weight.shape[0], device=device, ignore_index=ignore_index)
+    if ce_weight is not None:
+        if targets is None:
+            raise ValueError("ce_weight is given but targets is None: ce_weight weights the CE term of targets")
+        _check_rows("ce_weight", ce_weight, lead, device=device)
+    _check_row_mask("row_mask", row_mask, lead, device)
+    rows = _Rows(lead, _keep(targets, ignore_index, row_mask))
+
+    if tidal is not None:
+        progress, options = tidal
+        row_lambda = schedules.row_lambda(rows.gather(mask_ratio), progress, options["lambda_init"],
+                                          options["lambda_max"], options["schedule"], options["axis"])
+        row_weight = schedules.timestep_weight(rows.gather(mask_ratio), options["timestep_weight"])
+    else:
+        row_lambda = row_weight = torch.ones(rows.count, dtype=torch.float32, device=device)
+    impl = _resolve_impl(impl, device)
+    args = (rows.gather(student_hidden), student_weight, rows.gather(teacher_hidden), teacher_weight,
+            row_lambda, row_weight, None if targets is None else rows.gather(targets).long(), rows.gather(ce_weight))
+    kwargs = dict(temperature=float(temperature), shared_vocab=vocab, reverse=reverse, reduction=reduction,
+                  student_bias=student_bias, teacher_bias=teacher_bias,
+                  student_softcap=_check_softcap("student_softcap", student_softcap),
+                  teacher_softcap=_check_softcap("teacher_softcap", teacher_softcap))
+    with _no_autocast(device):
+        if impl == "reference":
+            distill, ce = reference.distill_loss(*args, **kwargs)
+        elif impl == "chunked":
+            distill, ce = chunked.distill_loss(*args, **kwargs)
+        else:
+            from .kernels import tidal as tidal_kernels
+            distill, ce = tidal_kernels.fused_distill_loss(*args, **kwargs, stream=(impl == "triton_stream"))
+    if reduction == "none":
+        distill, ce = rows.scatter(distill), rows.scatter(ce)
+    return DistillOutput(distill, ce)
+
+
+def _tidal_mask_ratio(mask_ratio, lead, device):
+    """mask_ratio per row (shaped like the leading dims), or per sequence (all leading dims but the
+    last, e.g. `[b]` for `[b, l, d]` hidden states), expanded to the rows."""
+    if isinstance(mask_ratio, torch.Tensor) and len(lead) >= 2 and tuple(mask_ratio.shape) == lead[:-1]:
+        _check_rows("mask_ratio", mask_ratio, lead[:-1], low=0.0, high=1.0, device=device)
+        return mask_ratio[..., None].expand(lead)
+    _check_rows("mask_ratio", mask_ratio, lead, low=0.0, high=1.0, device=device)
+    return mask_ratio
+
+
+def tidal_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio, progress, *,
+               lambda_init=0.1, lambda_max=0.9, schedule="cosine", axis="both",
+               timestep_weight="midrange", temperature=2.0, shared_vocab=None, targets=None,
+               ce_weight=None, row_mask=None, ignore_index=IGNORE_INDEX, student_bias=None, teacher_bias=None,
+               student_softcap=None, teacher_softcap=None, reduction="mean", impl="auto") -> DistillOutput:
+    """TIDAL distillation loss (SPEC.md §2.1), optionally with the CE term in the same vocab pass.
+
+    student_hidden `[..., d_s]` (e.g. `[b, l, d_s]` or `[N, d_s]`), student_weight `[V_s, d_s]`,
+    teacher_hidden `[..., d_t]` (same leading dims), teacher_weight `[V_t, d_t]`,
+    mask_ratio shaped like the leading dims (the t of each row's sequence, in [0, 1]) or one
+    per sequence (`[b]` for `[b, l, d]`), progress = step / max_steps in [0, 1] (float or 0-d tensor).
+    targets (ids, shaped like the leading dims) add the CE term; rows whose target is
+    `ignore_index` and rows where `row_mask` (bool, like the leading dims) is False take no part
+    in either term. student_bias `[V_s]` / teacher_bias `[V_t]`: LM-head biases;
+    student_softcap / teacher_softcap: logits become `c * tanh(logits / c)` before the temperature.
+    Returns `DistillOutput(distill, ce)`: `distill = T^2 * sum_i w_i KL(r_i || p_i)`,
+    `ce = sum_i ce_weight_i * CE_i` (None without targets), over the N rows that take part;
+    "mean" divides by N (0 rows give 0 and zero gradients), "none" gives per-row values
+    shaped like the leading dims (0 at rows that take no part).
+    Gradients reach student_hidden, student_weight and student_bias; the teacher gets none.
+    """
+    _check_tidal_options(lambda_init, lambda_max, schedule, axis, timestep_weight)
+    progress = _check_float("progress", progress, 0.0, 1.0, tensor_ok=True, hint=" (step / max_steps)")
+    if isinstance(student_hidden, torch.Tensor) and student_hidden.dim() >= 2:
+        mask_ratio = _tidal_mask_ratio(mask_ratio, tuple(student_hidden.shape[:-1]), student_hidden.device)
+    options = dict(lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis,
+                   timestep_weight=timestep_weight)
+    return _distill(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio=mask_ratio,
+                    tidal=(progress, options), reverse=False, temperature=temperature, shared_vocab=shared_vocab,
+                    targets=targets, ce_weight=ce_weight, row_mask=row_mask, ignore_index=ignore_index,
+                    student_bias=student_bias, teacher_bias=teacher_bias, student_softcap=student_softcap,
+                    teacher_softcap=teacher_softcap, reduction=reduction, impl=impl)
 
 
 def kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, reverse=False,
-            temperature=2.0, shared_vocab=None, targets=None, ce_weight=None, reduction="mean",
-            impl="auto"):
+            temperature=2.0, shared_vocab=None, targets=None, ce_weight=None, row_mask=None,
+            ignore_index=IGNORE_INDEX, student_bias=None, teacher_bias=None, student_softcap=None,
+            teacher_softcap=None, reduction="mean", impl="auto") -> DistillOutput:
     """Forward `T^2 KL(q || p)` or reverse `T^2 KL(p || q)` per row (SPEC.md baselines).
 
-    Shapes as in `tidal_loss`. Forward KL is TIDAL with lambda = 1 and w = 1.
+    Shapes, options and the returned `DistillOutput(distill, ce)` as in `tidal_loss`.
+    Forward KL is TIDAL with lambda = 1 and w = 1.
     """
-    num_rows, vocab, targets = _check_distill(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                              temperature, shared_vocab, targets, ce_weight, reduction)
-    ones = torch.ones(num_rows, dtype=torch.float32, device=student_hidden.device)
-    return _distill_dispatch(impl, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                             ones, ones, targets, ce_weight, temperature=temperature,
-                             vocab=vocab, reverse=bool(reverse), reduction=reduction)
+    _check_bool("reverse", reverse)
+    return _distill(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio=None, tidal=None,
+                    reverse=reverse, temperature=temperature, shared_vocab=shared_vocab, targets=targets,
+                    ce_weight=ce_weight, row_mask=row_mask, ignore_index=ignore_index, student_bias=student_bias,
+                    teacher_bias=teacher_bias, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                    reduction=reduction, impl=impl)
 
 
-def _token_logprobs(hidden, weight, targets, impl):
-    if impl == "reference":
-        return reference.token_logprobs(hidden, weight, targets)
-    if impl == "chunked":
-        return chunked.token_logprobs(hidden, weight, targets)
-    from .kernels import token_logprob as token_logprob_kernels
-    return token_logprob_kernels.fused_token_logprobs(hidden, weight, targets)
+# --------------------------------------------------------------------------- log-probabilities, CALM
+def _token_logprobs(hidden, weight, targets, bias, softcap, impl):
+    """Flat `[N, d]` rows, checked; `[N]` float32 (float64) log-probabilities."""
+    with _no_autocast(hidden.device):
+        if impl == "reference":
+            return reference.token_logprobs(hidden, weight, targets, bias, softcap)
+        if impl == "chunked":
+            return chunked.token_logprobs(hidden, weight, targets, bias, softcap)
+        from .kernels import token_logprob as token_logprob_kernels
+        return token_logprob_kernels.fused_token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap)
 
 
-def token_logprobs(hidden, weight, targets, *, impl="auto"):
-    """`log_softmax(hidden @ weight.T)[i, targets[i]]` per row: `[N]`, differentiable.
+def token_logprobs(hidden, weight, targets, *, bias=None, softcap=None, ignore_index=IGNORE_INDEX,
+                   impl="auto") -> torch.Tensor:
+    """`log_softmax(c * tanh((hidden @ weight.T + bias) / c))[..., targets]` per row, differentiable.
 
-    hidden `[N, d]`, weight `[V, d]`, targets `[N]` ids in [0, V).
+    hidden `[..., d]`, weight `[V, d]`, bias `[V]` or None, softcap c or None (no cap),
+    targets (ids in [0, V), shaped like the leading dims). Returns a tensor shaped like
+    targets (float32; float64 for float64 hidden), 0 where targets == ignore_index.
     """
-    _check_matrix("hidden", hidden)
-    _check_matrix("weight", weight, cols=hidden.shape[1], rows_name="V")
-    if weight.device != hidden.device:
-        raise ValueError(f"weight must be on {hidden.device} like hidden, got {weight.device}")
-    _check_rows("targets", targets, hidden.shape[0], integer=True, low=0, high=weight.shape[0],
-                device=hidden.device)
+    _check_hidden("hidden", hidden, "d")
+    lead = tuple(hidden.shape[:-1])
+    _check_weight("weight", weight, hidden, "hidden", "V", "d")
+    _check_bias("bias", bias, weight, "weight", "V")
+    softcap = _check_softcap("softcap", softcap)
+    if ignore_index is not None:
+        _check_int("ignore_index", ignore_index)
+    _check_ids("targets", targets, lead, weight.shape[0], device=hidden.device, ignore_index=ignore_index,
+               lead_name="hidden")
     impl = _resolve_impl(impl, hidden.device, allowed=("auto", "triton", "chunked", "reference"))
-    return _token_logprobs(hidden, weight, targets.long(), impl)
+    rows = _Rows(lead, _keep(targets, ignore_index, None))
+    out = _token_logprobs(rows.gather(hidden), weight, rows.gather(targets).long(), bias, softcap, impl)
+    return rows.scatter(out)
+
+
+def _check_calm_options(reverse, temperature, reduction, impl, ignore_index, student_softcap, teacher_softcap):
+    _check_bool("reverse", reverse)
+    _check_float("temperature", temperature, 0, open_low=True)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("impl", impl, ("auto", "triton", "chunked", "reference"))
+    if ignore_index is not None:
+        _check_int("ignore_index", ignore_index)
+    _check_softcap("student_softcap", student_softcap)
+    _check_softcap("teacher_softcap", teacher_softcap)
 
 
 def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
               teacher_hidden, teacher_weight, teacher_targets, teacher_chunk, *,
-              num_chunks, reverse=True, temperature=2.0, lam=None, weight=None,
-              reduction="mean", impl="auto"):
+              num_chunks, reverse=True, temperature=2.0, lam=None, weight=None, ignore_index=IGNORE_INDEX,
+              student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None,
+              reduction="mean", impl="auto") -> torch.Tensor:
     """(Reverse) CALM on chunk log-likelihoods (SPEC.md §2.3); CALM+TIDAL with `lam`.
 
-    student_hidden `[N_s, d_s]`, student_weight `[V_s, d_s]`, student_targets `[N_s]`,
-    student_chunk `[N_s]` (chunk index of each row in [0, num_chunks)); the teacher
-    side likewise with `[N_t]`. `lam [num_chunks]`: CALM+TIDAL target weight (a forward
-    objective: needs reverse=False); `weight [num_chunks]`: per-chunk loss weights.
-    A chunk is active when it has at least one row on each side; "mean" divides by the
-    number of active chunks (0 active chunks give 0 and zero gradients).
+    student_hidden `[..., d_s]`, student_weight `[V_s, d_s]`, student_targets and
+    student_chunk (chunk index of each row in [0, num_chunks)) shaped like its leading
+    dims; the teacher side likewise with its own leading dims. Rows whose target is
+    `ignore_index` take no part (their chunk id is not read). Biases / softcaps as in
+    `tidal_loss`, applied to each side's logits. `lam [num_chunks]`: CALM+TIDAL target
+    weight (a forward objective: needs reverse=False); `weight [num_chunks]`: per-chunk
+    loss weights. A chunk is active when it has at least one row on each side.
+    Returns a tensor: 0-d for "mean" (divided by the number of active chunks; 0 active
+    chunks give 0 and zero gradients) and "sum", per-chunk values `[num_chunks]` for
+    "none" (0 for inactive chunks).
     """
-    if not isinstance(num_chunks, int) or num_chunks < 0:
-        raise ValueError(f"num_chunks must be a non-negative int, got {num_chunks!r}")
-    _check_matrix("student_hidden", student_hidden, rows_name="N_s", cols_name="d_s")
-    _check_matrix("student_weight", student_weight, cols=student_hidden.shape[1], rows_name="V_s", cols_name="d_s")
-    _check_matrix("teacher_hidden", teacher_hidden, rows_name="N_t", cols_name="d_t")
-    _check_matrix("teacher_weight", teacher_weight, cols=teacher_hidden.shape[1], rows_name="V_t", cols_name="d_t")
+    _check_int("num_chunks", num_chunks, low=0)
+    _check_calm_options(reverse, temperature, reduction, impl, ignore_index, student_softcap, teacher_softcap)
+    _check_hidden("student_hidden", student_hidden, "d_s")
+    _check_weight("student_weight", student_weight, student_hidden, "student_hidden", "V_s", "d_s")
+    _check_hidden("teacher_hidden", teacher_hidden, "d_t")
+    _check_weight("teacher_weight", teacher_weight, teacher_hidden, "teacher_hidden", "V_t", "d_t")
     device = student_hidden.device
-    for name, tensor in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
-                         ("teacher_weight", teacher_weight)):
-        if tensor.device != device:
-            raise ValueError(f"{name} must be on {device} like student_hidden, got {tensor.device}")
-    num_student, num_teacher = student_hidden.shape[0], teacher_hidden.shape[0]
-    _check_rows("student_targets", student_targets, num_student, integer=True, low=0,
-                high=student_weight.shape[0], device=device)
-    _check_rows("teacher_targets", teacher_targets, num_teacher, integer=True, low=0,
-                high=teacher_weight.shape[0], device=device)
-    _check_rows("student_chunk", student_chunk, num_student, integer=True, low=0, high=num_chunks, device=device)
-    _check_rows("teacher_chunk", teacher_chunk, num_teacher, integer=True, low=0, high=num_chunks, device=device)
-    _check_temperature(temperature)
-    _check_choice("reduction", reduction, REDUCTIONS)
+    if teacher_hidden.device != device:
+        raise ValueError(f"teacher_hidden must be on {device} like student_hidden, got {teacher_hidden.device}")
+    _check_bias("student_bias", student_bias, student_weight, "student_weight", "V_s")
+    _check_bias("teacher_bias", teacher_bias, teacher_weight, "teacher_weight", "V_t")
+    sides = []
+    for side, hidden, targets, chunk in (("student", student_hidden, student_targets, student_chunk),
+                                         ("teacher", teacher_hidden, teacher_targets, teacher_chunk)):
+        lead = tuple(hidden.shape[:-1])
+        vocab = (student_weight if side == "student" else teacher_weight).shape[0]
+        _check_ids(f"{side}_targets", targets, lead, vocab, device=device, ignore_index=ignore_index,
+                   lead_name=f"{side}_hidden")
+        rows = _Rows(lead, _keep(targets, ignore_index, None))
+        _check_tensor(f"{side}_chunk", chunk, _shape_text(lead))
+        if tuple(chunk.shape) != lead:
+            raise ValueError(f"{side}_chunk must have shape {_shape_text(lead)} (one value per row, the leading "
+                             f"dims of {side}_hidden), got {tuple(chunk.shape)}")
+        chunk_rows = rows.gather(chunk)
+        _check_ids(f"{side}_chunk", chunk_rows, chunk_rows.shape, num_chunks, device=device,
+                   lead_name=f"{side}_hidden")
+        sides.append((rows, chunk_rows))
     if lam is not None:
         if reverse:
             raise ValueError("lam (the CALM+TIDAL target) is a forward objective: pass reverse=False with lam")
-        _check_rows("lam", lam, num_chunks, low=0.0, high=1.0, device=device)
+        _check_rows("lam", lam, (num_chunks,), low=0.0, high=1.0, device=device, lead_name="num_chunks")
     if weight is not None:
-        _check_rows("weight", weight, num_chunks, device=device)
+        _check_rows("weight", weight, (num_chunks,), device=device, lead_name="num_chunks")
     impl = _resolve_impl(impl, device, allowed=("auto", "triton", "chunked", "reference"))
+    (student_rows, student_chunk), (teacher_rows, teacher_chunk) = sides
+    softcaps = (_check_softcap("student_softcap", student_softcap), _check_softcap("teacher_softcap", teacher_softcap))
 
-    student_logprobs = _token_logprobs(student_hidden, student_weight, student_targets.long(), impl)
+    student_logprobs = _token_logprobs(student_rows.gather(student_hidden), student_weight,
+                                       student_rows.gather(student_targets).long(), student_bias, softcaps[0], impl)
     with torch.no_grad():
-        teacher_logprobs = _token_logprobs(teacher_hidden, teacher_weight, teacher_targets.long(), impl)
-    kwargs = dict(num_chunks=num_chunks, reverse=bool(reverse), temperature=float(temperature),
+        teacher_logprobs = _token_logprobs(teacher_rows.gather(teacher_hidden), teacher_weight,
+                                           teacher_rows.gather(teacher_targets).long(), teacher_bias,
+                                           softcaps[1], impl)
+    kwargs = dict(num_chunks=num_chunks, reverse=reverse, temperature=float(temperature),
                   lam=lam, weight=weight, reduction=reduction)
     chunk_args = (student_logprobs, student_chunk.long(), teacher_logprobs, teacher_chunk.long())
-    if impl == "triton":
-        from .kernels import calm as calm_kernels
-        return calm_kernels.fused_calm_from_token_logprobs(*chunk_args, **kwargs)
-    return reference.calm_from_token_logprobs(*chunk_args, **kwargs)
+    with _no_autocast(device):
+        if impl == "triton":
+            from .kernels import calm as calm_kernels
+            return calm_kernels.fused_calm_from_token_logprobs(*chunk_args, **kwargs)
+        return reference.calm_from_token_logprobs(*chunk_args, **kwargs)
 
 
 def complementary_split(masked, demo_ratio=0.5, *, generator=None):
@@ -277,44 +538,76 @@ def complementary_split(masked, demo_ratio=0.5, *, generator=None):
 
 
 # --------------------------------------------------------------------------- modules
-class TIDALLoss(nn.Module):
-    """`tidal_loss` with its keyword options held: `forward(student_hidden, student_weight,
-    teacher_hidden, teacher_weight, mask_ratio, progress, targets=None, ce_weight=None)`."""
+class _LossModule(nn.Module):
+    """Holds a loss's keyword options, checked in the constructor and listed by `repr`."""
 
-    def __init__(self, **options):
+    def extra_repr(self):
+        return ", ".join(f"{name}={value!r}" for name, value in self.options.items())
+
+
+class TIDALLoss(_LossModule):
+    """`tidal_loss` with its keyword options held (checked here, shown by `repr`):
+    `forward(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio, progress,
+    targets=None, ce_weight=None, row_mask=None, student_bias=None, teacher_bias=None)` returns
+    `DistillOutput(distill, ce)`."""
+
+    def __init__(self, *, lambda_init=0.1, lambda_max=0.9, schedule="cosine", axis="both",
+                 timestep_weight="midrange", temperature=2.0, shared_vocab=None, ignore_index=IGNORE_INDEX,
+                 student_softcap=None, teacher_softcap=None, reduction="mean", impl="auto"):
         super().__init__()
-        self.options = options
+        _check_tidal_options(lambda_init, lambda_max, schedule, axis, timestep_weight)
+        _check_distill_options(temperature, shared_vocab, reduction, impl, ignore_index, student_softcap,
+                               teacher_softcap)
+        self.options = dict(lambda_init=lambda_init, lambda_max=lambda_max, schedule=schedule, axis=axis,
+                            timestep_weight=timestep_weight, temperature=temperature, shared_vocab=shared_vocab,
+                            ignore_index=ignore_index, student_softcap=student_softcap,
+                            teacher_softcap=teacher_softcap, reduction=reduction, impl=impl)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio, progress,
-                targets=None, ce_weight=None):
+                targets=None, ce_weight=None, row_mask=None, student_bias=None, teacher_bias=None) -> DistillOutput:
         return tidal_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask_ratio, progress,
-                          targets=targets, ce_weight=ce_weight, **self.options)
+                          targets=targets, ce_weight=ce_weight, row_mask=row_mask, student_bias=student_bias,
+                          teacher_bias=teacher_bias, **self.options)
 
 
-class KLLoss(nn.Module):
-    """`kl_loss` with its keyword options held (reverse=, temperature=, ...)."""
+class KLLoss(_LossModule):
+    """`kl_loss` with its keyword options held (reverse=, temperature=, ...; checked here, shown by
+    `repr`): `forward(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None,
+    ce_weight=None, row_mask=None, student_bias=None, teacher_bias=None)` returns `DistillOutput`."""
 
-    def __init__(self, **options):
+    def __init__(self, *, reverse=False, temperature=2.0, shared_vocab=None, ignore_index=IGNORE_INDEX,
+                 student_softcap=None, teacher_softcap=None, reduction="mean", impl="auto"):
         super().__init__()
-        self.options = options
+        _check_bool("reverse", reverse)
+        _check_distill_options(temperature, shared_vocab, reduction, impl, ignore_index, student_softcap,
+                               teacher_softcap)
+        self.options = dict(reverse=reverse, temperature=temperature, shared_vocab=shared_vocab,
+                            ignore_index=ignore_index, student_softcap=student_softcap,
+                            teacher_softcap=teacher_softcap, reduction=reduction, impl=impl)
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, targets=None,
-                ce_weight=None):
-        return kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                       targets=targets, ce_weight=ce_weight, **self.options)
+                ce_weight=None, row_mask=None, student_bias=None, teacher_bias=None) -> DistillOutput:
+        return kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=targets,
+                       ce_weight=ce_weight, row_mask=row_mask, student_bias=student_bias,
+                       teacher_bias=teacher_bias, **self.options)
 
 
-class CALMLoss(nn.Module):
-    """`calm_loss` with its keyword options held (reverse=, temperature=, ...); num_chunks,
-    lam and weight vary per batch and are passed to forward."""
+class CALMLoss(_LossModule):
+    """`calm_loss` with its keyword options held (reverse=, temperature=, ...; checked here, shown by
+    `repr`); num_chunks, lam, weight and the biases vary per batch and are passed to forward."""
 
-    def __init__(self, **options):
+    def __init__(self, *, reverse=True, temperature=2.0, ignore_index=IGNORE_INDEX, student_softcap=None,
+                 teacher_softcap=None, reduction="mean", impl="auto"):
         super().__init__()
-        self.options = options
+        _check_calm_options(reverse, temperature, reduction, impl, ignore_index, student_softcap, teacher_softcap)
+        self.options = dict(reverse=reverse, temperature=temperature, ignore_index=ignore_index,
+                            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                            reduction=reduction, impl=impl)
 
     def forward(self, student_hidden, student_weight, student_targets, student_chunk,
                 teacher_hidden, teacher_weight, teacher_targets, teacher_chunk, *, num_chunks,
-                lam=None, weight=None):
+                lam=None, weight=None, student_bias=None, teacher_bias=None) -> torch.Tensor:
         return calm_loss(student_hidden, student_weight, student_targets, student_chunk,
                          teacher_hidden, teacher_weight, teacher_targets, teacher_chunk,
-                         num_chunks=num_chunks, lam=lam, weight=weight, **self.options)
+                         num_chunks=num_chunks, lam=lam, weight=weight, student_bias=student_bias,
+                         teacher_bias=teacher_bias, **self.options)

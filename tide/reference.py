@@ -35,23 +35,43 @@ def _normaliser(total: torch.Tensor, count, reduction: str) -> torch.Tensor:
     return total / max(int(count), 1)
 
 
+def _reduce_rows(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    """"none": the per-row values `[N]`; "sum" / "mean" (over N, 0 for N = 0) a 0-d tensor."""
+    if reduction == "none":
+        return per_row
+    return _normaliser(per_row.sum(), per_row.shape[0], reduction)
+
+
+def lm_logits(hidden, weight, bias=None, softcap=None, dtype=torch.float32):
+    """`softcap * tanh((hidden @ weight.T + bias) / softcap)` `[N, V]` in `dtype` (no cap: the
+    plain logits). Softcapping is Gemma's final-logit cap; its derivative is `1 - tanh^2`."""
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                  row_lambda, row_weight, targets=None, ce_weight=None, *,
-                 temperature: float, shared_vocab: int, reverse: bool, reduction: str):
+                 temperature: float, shared_vocab: int, reverse: bool, reduction: str,
+                 student_bias=None, teacher_bias=None, student_softcap=None, teacher_softcap=None):
     """TIDAL / forward KL (reverse=False) or reverse KL (reverse=True), plus CE.
 
     student_hidden `[N, d_s]`, student_weight `[V_s, d_s]`, teacher_hidden
     `[N, d_t]`, teacher_weight `[V_t, d_t]`, row_lambda/row_weight `[N]`,
-    targets `[N]` long or None, ce_weight `[N]` or None.
-    Returns `T^2 * sum_i w_i * KL_i` (/N for "mean"), and with targets also
-    `sum_i ce_weight_i * CE_i` (/N for "mean").
+    targets `[N]` long or None, ce_weight `[N]` or None, student_bias `[V_s]` /
+    teacher_bias `[V_t]` or None, softcaps positive floats or None (applied to the
+    logits, bias included, before the temperature).
+    Returns `(distill, ce)`: `T^2 * w_i * KL_i` and `ce_weight_i * CE_i` per row
+    `[N]` for "none", else their sums (/N for "mean"); ce is None without targets.
     """
     dtype = compute_dtype(student_hidden)
-    num_rows = student_hidden.shape[0]
     T = temperature
-    student_logits = student_hidden.to(dtype) @ student_weight.to(dtype).T        # [N, V_s]
+    student_logits = lm_logits(student_hidden, student_weight, student_bias, student_softcap, dtype)  # [N, V_s]
     with torch.no_grad():
-        teacher_logits = teacher_hidden.to(dtype) @ teacher_weight.to(dtype).T    # [N, V_t]
+        teacher_logits = lm_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, dtype)  # [N, V_t]
     s = student_logits[:, :shared_vocab]
     u = teacher_logits[:, :shared_vocab]
     log_p = F.log_softmax(s / T, dim=-1)                                         # student at T
@@ -62,19 +82,18 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
         lam = row_lambda.to(dtype)[:, None]
         log_r = F.log_softmax(((1 - lam) * s + lam * u) / T, dim=-1).detach()   # stop-gradient target
         per_row = (log_r.exp() * (log_r - log_p)).sum(-1)                        # KL(r || p)
-    distill = _normaliser(T * T * (row_weight.to(dtype) * per_row).sum(), num_rows, reduction)
+    distill = _reduce_rows(T * T * row_weight.to(dtype) * per_row, reduction)
     if targets is None:
-        return distill
+        return distill, None
     ce_rows = F.cross_entropy(student_logits, targets, reduction="none")         # at T = 1, full V_s
     if ce_weight is not None:
         ce_rows = ce_weight.to(dtype) * ce_rows
-    return distill, _normaliser(ce_rows.sum(), num_rows, reduction)
+    return distill, _reduce_rows(ce_rows, reduction)
 
 
-def token_logprobs(hidden, weight, targets):
-    """`log_softmax(hidden @ weight.T)[i, targets[i]]` per row: `[N]`."""
-    dtype = compute_dtype(hidden)
-    logits = hidden.to(dtype) @ weight.to(dtype).T                               # [N, V]
+def token_logprobs(hidden, weight, targets, bias=None, softcap=None):
+    """`log_softmax(softcap(hidden @ weight.T + bias))[i, targets[i]]` per row: `[N]`."""
+    logits = lm_logits(hidden, weight, bias, softcap, compute_dtype(hidden))    # [N, V]
     return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
@@ -87,7 +106,8 @@ def calm_from_token_logprobs(student_logprobs, student_chunk, teacher_logprobs, 
     `[N_t]`, teacher_chunk `[N_t]`: chunk index of each row in [0, num_chunks).
     Segment sums by chunk id (index_add), never a dense `[N, num_chunks]` matrix.
     A chunk is active when it has at least one row on each side; "mean" divides by
-    the number of active chunks.
+    the number of active chunks; "none" returns the per-chunk values `[num_chunks]` (0 for
+    inactive chunks).
     """
     dtype = student_logprobs.dtype
     T = temperature
@@ -109,4 +129,6 @@ def calm_from_token_logprobs(student_logprobs, student_chunk, teacher_logprobs, 
     if weight is not None:
         per_chunk = per_chunk * weight.to(dtype)
     per_chunk = torch.where(active, per_chunk, torch.zeros_like(per_chunk))
+    if reduction == "none":
+        return per_chunk
     return _normaliser(per_chunk.sum(), active.sum(), reduction)

@@ -154,9 +154,9 @@ class StudentLoss(nn.Module):
         s_h, t_h = hidden[rows, s_pos], t_hidden[rows, t_pos]
         if self.cfg.method == "tidal":
             return losses.tidal_loss(s_h, weight, t_h, t_weight, noise["t"][rows], progress,
-                                     shared_vocab=self.shared_vocab, **self.tidal_options, **common)
+                                     shared_vocab=self.shared_vocab, **self.tidal_options, **common).distill
         return losses.kl_loss(s_h, weight, t_h, t_weight, reverse=self.cfg.method == "reverse_kl",
-                              shared_vocab=self.shared_vocab, **common)
+                              shared_vocab=self.shared_vocab, **common).distill
 
     def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress):
         """Cross-tokenizer pipeline: (Reverse) CALM / CALM+TIDAL on chunk log-likelihoods."""

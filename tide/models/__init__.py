@@ -3,7 +3,7 @@
     model = build_model("bd3lm", hf_config, block_size=32, mask_token_id=V)
     model = load_model("out/checkpoint-100")      # kind, block, mask id from config.json
     hidden = model(x_t, x_0)                      # [b, L, d], no LM head
-    loss = tidal_loss(hidden[m], model.lm_head_weight, ...)
+    distill, ce = tidal_loss(hidden, model.lm_head_weight, ..., targets=labels)   # [b, L, d] rows
 """
 from __future__ import annotations
 
