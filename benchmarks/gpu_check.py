@@ -410,21 +410,25 @@ def compile_tidal() -> list[dict]:
                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), warps, stages)
             out.append({**info, "config": f"{a_ty}x{b_ty} acc={accumulate}"})
     rows_sig = dict(S="*fp32", U="*fp32", lam_ptr="*fp32", w_ptr="*fp32", tgt_ptr="*i64", cw_ptr="*fp32",
-                    distill_ptr="*fp32", ce_ptr="*fp32", R="i32", stride_s="i32", stride_u="i32",
-                    T="fp32", inv_T="fp32")
+                    distill_ptr="*fp32", ce_ptr="*fp32", sb_ptr="*fp32", tb_ptr="*fp32", R="i32", stride_s="i32",
+                    stride_u="i32", T="fp32", inv_T="fp32", cap_s="fp32", inv_cap_s="fp32", cap_t="fp32",
+                    inv_cap_t="fp32")
     block_r, block_v, warps = tidal._row_kernel_config(151936)
     for reverse in (False, True):
         for targets in (False, True):
-            info = aot_compile(tidal._chunk_rows_kernel, rows_sig,
-                               dict(V=151936, V_s=151936 if targets else 0, REVERSE=reverse, NEED_GRAD=True,
-                                    HAS_TARGETS=targets, BLOCK_R=block_r, BLOCK_V=block_v), warps, 1)
-            out.append({**info, "config": f"reverse={reverse} targets={targets}"})
+            for extras in (False, True):                 # biases + softcaps on both sides
+                flags = dict(HAS_SB=extras, HAS_TB=extras, HAS_SCAP=extras, HAS_TCAP=extras)
+                info = aot_compile(tidal._chunk_rows_kernel, rows_sig,
+                                   dict(V=151936, V_s=151936 if targets else 0, REVERSE=reverse, NEED_GRAD=True,
+                                        HAS_TARGETS=targets, BLOCK_R=block_r, BLOCK_V=block_v, **flags), warps, 1)
+                out.append({**info, "config": f"reverse={reverse} targets={targets} bias+softcap={extras}"})
     stream_sig = dict(SH="*bf16", SW="*bf16", TH="*bf16", TW="*bf16", lam_ptr="*fp32", tgt_ptr="*i64",
-                      part_ptr="*fp32", stats_ptr="*fp32", coef_d_ptr="*fp32", coef_c_ptr="*fp32", DH="*fp32",
-                      DW="*fp32", N="i32", SPLIT_SHARED="i32", col_offset="i32",
+                      SB="*fp32", TB="*fp32", part_ptr="*fp32", stats_ptr="*fp32", coef_d_ptr="*fp32",
+                      coef_c_ptr="*fp32", DH="*fp32", DW="*fp32", DB="*fp32", N="i32", SPLIT_SHARED="i32",
+                      col_offset="i32",
                       stride_shn="i32", stride_shk="i32", stride_swv="i32", stride_swk="i32", stride_thn="i32",
                       stride_thk="i32", stride_twv="i32", stride_twk="i32", stride_dhn="i32", stride_dwv="i32",
-                      inv_T="fp32")
+                      inv_T="fp32", cap_s="fp32", inv_cap_s="fp32", cap_t="fp32", inv_cap_t="fp32")
     vocab, d_s, d_t = 151936, 1024, 4096
     for dtype, elem in (("bf16", 2), ("fp32", 4)):
         sig = {k: ("*" + dtype if k in ("SH", "SW", "TH", "TW") else v) for k, v in stream_sig.items()}
@@ -433,15 +437,17 @@ def compile_tidal() -> list[dict]:
         slab = tidal.stream_slab_rows(vocab, d_s, 4, bv)
         bwd_tiles, splits = tidal._stream_tiles(triton_cdiv(slab, bv))
         for reverse in (False, True):
+            extras = reverse                             # biases + softcaps (+ d bias) with reverse KL
             meta = dict(d_s=d_s, d_t=d_t, REVERSE=reverse, HAS_TARGETS=True, IEEE=dtype == "fp32",
-                        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+                        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, HAS_SB=extras, HAS_TB=extras, HAS_SCAP=extras,
+                        HAS_TCAP=extras)
             info = aot_compile(tidal._stream_fwd_kernel, sig, dict(meta, V=vocab, V_s=vocab, TILES=fwd_tiles),
                                warps, stages)
             out.append({**info, "config": f"{dtype} reverse={reverse}"})
             for shared in (True, False):
                 info = aot_compile(tidal._stream_bwd_kernel, sig,
                                    dict(meta, V_SLAB=slab, SHARED=shared, NEED_DH=True, NEED_DW=True,
-                                        DH_ATOMIC=splits > 1, TILES=bwd_tiles), warps, stages)
+                                        NEED_DB=extras, DH_ATOMIC=splits > 1, TILES=bwd_tiles), warps, stages)
                 out.append({**info, "config": f"{dtype} reverse={reverse} shared={shared}"})
     return out
 
@@ -469,7 +475,38 @@ def check_calm(ctx: Context):
 
 
 CHECKS = {"tidal": check_tidal, "calm": check_calm}
-COMPILE_CHECKS = {"tidal": compile_tidal}
+def compile_token_logprob() -> list[dict]:
+    """The token log-prob kernels (bf16, the default H100/H200 config), plain and with bias + softcap."""
+    from tide.kernels import token_logprob
+    config = token_logprob.default_config(torch.device("cuda"), torch.bfloat16)
+    fwd_sig = dict(hidden_ptr="*bf16", weight_ptr="*bf16", targets_ptr="*i64", bias_ptr="*fp32", max_ptr="*fp32",
+                   sum_ptr="*fp32", target_logit_ptr="*fp32", N="i32", V="i32", stride_hn="i32", stride_hd="i32",
+                   stride_wv="i32", stride_wd="i32", cap="fp32", inv_cap="fp32")
+    bwd_sig = dict(hidden_ptr="*bf16", weight_ptr="*bf16", targets_ptr="*i64", lse_ptr="*fp32",
+                   grad_out_ptr="*fp32", grad_hidden_ptr="*fp32", grad_weight_ptr="*fp32", bias_ptr="*fp32",
+                   grad_bias_ptr="*fp32", N="i32", V="i32", stride_hn="i32", stride_hd="i32", stride_wv="i32",
+                   stride_wd="i32", cap="fp32", inv_cap="fp32")
+    meta = dict(D=1024, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+                ACC_DTYPE=tl_float32(), DOT_PRECISION="tf32")
+    out = []
+    for extras in (False, True):
+        flags = dict(HAS_BIAS=extras, HAS_CAP=extras)
+        info = aot_compile(token_logprob._token_logprob_fwd_kernel, fwd_sig, dict(meta, V_SPLIT=8192, **flags),
+                           config.num_warps, config.num_stages)
+        out.append({**info, "config": f"bias+softcap={extras}"})
+        info = aot_compile(token_logprob._token_logprob_bwd_kernel, bwd_sig,
+                           dict(meta, GROUP_N=config.group_n, HAS_GRAD_HIDDEN=True, HAS_GRAD_WEIGHT=True,
+                                HAS_GRAD_BIAS=extras, **flags), config.num_warps, config.num_stages)
+        out.append({**info, "config": f"bias+softcap={extras}"})
+    return out
+
+
+def tl_float32():
+    import triton.language as tl
+    return tl.float32
+
+
+COMPILE_CHECKS = {"tidal": compile_tidal, "token_logprob": compile_token_logprob}
 
 
 def registered_checks(attribute: str = "CHECKS") -> dict:

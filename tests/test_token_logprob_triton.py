@@ -136,3 +136,21 @@ def test_split_count_is_a_power_of_two_and_nonempty():
         splits, v_split = token_logprob._num_splits(config, rows, vocab, torch.device("cpu"))
         assert splits >= 1 and v_split % 32 == 0
         assert (splits - 1) * v_split < vocab <= splits * v_split          # no empty split
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The token log-prob kernels (plain and with bias + softcap) compile for sm_90a, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton build has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--compile-only", "--only",
+                             "token_logprob"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("_token_logprob_bwd_kernel") == 2
