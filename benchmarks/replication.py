@@ -80,7 +80,7 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(seeds=2, train_chars=600_000, heldout_chars=12_000, curve_chars=3_000, tokenizer_chars=150_000,
               student_vocab=512, cross_vocab=768, student_hidden=48, teacher_hidden=96, teacher_layers=3,
-              teacher_steps=300, start_steps=100, steps=50, eval_samples=2, eval_interval=25, infill_spans=16)
+              teacher_steps=1000, start_steps=100, steps=50, eval_samples=2, eval_interval=25, infill_spans=16)
 SMOKE = Scale(seeds=2, train_chars=20_000, heldout_chars=2_000, curve_chars=1_000, tokenizer_chars=20_000,
               student_vocab=300, cross_vocab=400, student_hidden=16, student_layers=1, student_heads=2,
               teacher_hidden=32, teacher_layers=1, teacher_heads=2, seq_len=32, cross_seq_len=64, block_size=16,
