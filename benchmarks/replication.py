@@ -259,10 +259,8 @@ def method_command(scale: Scale, method: Method, seed: int, start: str, teachers
     elif method.teacher == "cross":
         cmd += ["--teacher", teachers["cross"], "--teacher-tokenizer", tokenizers["cross"]["path"],
                 "--teacher-seq-len", str(scale.cross_seq_len)]
-    if trainer_evaluates():
-        cmd += ["--eval-data", curve, "--eval-interval", str(scale.eval_interval),
-                "--eval-samples", str(scale.eval_samples)]
-    return cmd
+    return cmd + ["--eval-data", curve, "--eval-interval", str(scale.eval_interval),
+                  "--eval-samples", str(scale.eval_samples)]  # the held-out curve during training
 
 
 def evaluate_command(checkpoint: str, heldout: str, scale: Scale, seq_len: int, out_json: str,
@@ -271,12 +269,6 @@ def evaluate_command(checkpoint: str, heldout: str, scale: Scale, seq_len: int, 
     return ["tide.evaluate", "--checkpoint", checkpoint, "--data", heldout, "--samples", str(scale.eval_samples),
             "--seed", "0", "--batch-size", "32", "--seq-len", str(seq_len), "--infill", str(scale.infill_spans), "--json", out_json,
             "--device", device, "--quiet"]
-
-
-def trainer_evaluates() -> bool:
-    """Whether `tide.train` has `--eval-data` (the held-out curve during training)."""
-    from tide.config import Config
-    return "eval_data" in {f.name for f in dataclasses.fields(Config)}
 
 
 # --------------------------------------------------------------------------- running
@@ -559,7 +551,7 @@ def plot(report: dict, path: str) -> bool:
     if right.get_lines():
         right.legend(fontsize=7)
     else:
-        right.text(0.5, 0.5, "no held-out curve (tide.train without --eval-data)", ha="center",
+        right.text(0.5, 0.5, "no held-out curve in these runs", ha="center",
                    transform=right.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

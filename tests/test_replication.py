@@ -47,6 +47,7 @@ def test_smallest_configuration_end_to_end(tmp_path):
     assert [row["method"] for row in report["rows"]] == names
     assert all(row["seeds"] == [1, 2] and row["bits_per_byte"] > 0 for row in report["rows"])
     assert all(row["vs_ce"]["n"] == 2 for row in report["rows"][1:])
+    assert all([step for step, _ in report["curves"][name]] == [1, 2] for name in names)  # tide.train --eval-data
     with open(prefix + ".json") as fh:
         assert json.load(fh)["corpus"]["heldout"]["list_sha256"] == report["corpus"]["heldout"]["list_sha256"]
     with open(prefix + ".md") as fh:
