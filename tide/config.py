@@ -327,8 +327,10 @@ def check(cfg: Config) -> None:
     number("beta1", 0.0, 1.0, high_open=True)
     number("beta2", 0.0, 1.0, high_open=True)
     number("grad_clip", 0.0)
-    if cfg.eval_interval < 0 or cfg.eval_samples < 1:
-        fail(f"--eval-interval must be >= 0 and --eval-samples >= 1, got {cfg.eval_interval} and {cfg.eval_samples}")
+    if cfg.eval_interval < 0:
+        fail(f"--eval-interval must be >= 0 (0 = at every checkpoint), got {cfg.eval_interval}")
+    if cfg.eval_samples < 1:
+        fail(f"--eval-samples must be >= 1, got {cfg.eval_samples}")
     if cfg.eval_data and not os.path.exists(cfg.eval_data):
         fail(f"--eval-data {cfg.eval_data!r} does not exist")
     if cfg.eval_data and cfg.parallel == "fsdp" and "WORLD_SIZE" in os.environ:

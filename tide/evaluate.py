@@ -47,13 +47,14 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from tide.losses import token_logprobs
 
-__all__ = ["Result", "InfillResult", "elbo", "infill", "infill_spans", "sequence_nelbo", "load_checkpoint", "load_records", "trained_seq_len", "main"]
+__all__ = ["Result", "InfillResult", "elbo", "sequence_nelbo", "infill", "infill_spans", "load_checkpoint",
+           "load_records", "trained_seq_len", "main"]
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 DEFAULT_MAX_SEQ_LEN = 1024

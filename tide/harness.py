@@ -89,9 +89,9 @@ class TideLM(LM):
             maskable = torch.zeros(len(ids), dtype=torch.bool)
             maskable[len(ids) - scored:] = True
             pairs.append((torch.tensor(ids, dtype=torch.long), maskable))
-        per_sample = sequence_nelbo(self.model, pairs, samples=self.samples, seeds=[self._seed(i) for i, _ in sequences],
-                                    batch_size=self.batch_size, pad_id=self.tokenizer.pad_token_id,
-                                    progress=not disable_tqdm)
+        seeds = [self._seed(ids) for ids, _ in sequences]
+        per_sample = sequence_nelbo(self.model, pairs, samples=self.samples, seeds=seeds, batch_size=self.batch_size,
+                                    pad_id=self.tokenizer.pad_token_id, progress=not disable_tqdm)
         return per_sample.mean(dim=1)
 
     @torch.no_grad()
