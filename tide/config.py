@@ -20,12 +20,16 @@ from dataclasses import dataclass
 
 import yaml
 
-METHODS = ("ce", "kl", "reverse_kl", "tidal", "calm", "reverse_calm", "calm_tidal")
+METHODS = ("ce", "kl", "reverse_kl", "tidal", "calm", "reverse_calm", "calm_tidal", "reverse_calm_tidal")
 TOKEN_METHODS = ("kl", "reverse_kl", "tidal")          # token-level, need one vocabulary
-CHUNK_METHODS = ("calm", "reverse_calm", "calm_tidal")  # chunk-level, cross-tokenizer
+CHUNK_METHODS = ("calm", "reverse_calm", "calm_tidal", "reverse_calm_tidal")  # chunk-level, cross-tokenizer
+TIDAL_METHODS = ("tidal", "calm_tidal", "reverse_calm_tidal")  # use the lambda schedule
 PIPELINES = ("shared", "aligned", "cross")
 ARCHITECTURES = ("qwen3", "llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+ALPHA_SCHEDULES = ("linear", "cosine")
+CE_NORMALIZATIONS = ("token", "sequence", "batch")
+CONCAT_ORDERS = ("xt_x0", "x0_xt")
 
 
 @dataclass
@@ -46,18 +50,21 @@ class Config:
     progress_bar: bool = True             # tqdm bar with loss and tokens/s
 
     # --- method (SPEC.md)
-    method: str = "tidal"                 # ce | kl | reverse_kl | tidal | calm | reverse_calm | calm_tidal
+    method: str = "tidal"                 # ce | kl | reverse_kl | tidal | calm | reverse_calm | calm_tidal | reverse_calm_tidal
     pipeline: str = "shared"              # shared | aligned | cross (tokenizers / templates of the pair)
     compdemo: bool = False                # teacher sees complementary demonstrations (2 passes)
     demo_ratio: float = 0.5               # P(masked token/chunk in M_A)
-    temperature: float = 2.0              # T of every distillation loss
+    temperature: float = 2.0              # T of the token-level losses (kl, reverse_kl, tidal)
+    calm_temperature: float = 2.0         # T of the chunk-level losses (calm, reverse_calm, calm_tidal, reverse_calm_tidal)
     lambda_init: float = 0.1              # TIDAL lambda at the start of training
     lambda_max: float = 0.9               # TIDAL lambda at the end of training
     lambda_schedule: str = "cosine"       # cosine | linear (training axis)
     lambda_axis: str = "both"             # both | training_only | timestep_only
     timestep_weight: str = "midrange"     # midrange | uniform (TIDAL and CALM+TIDAL w_b)
     eps: float = 1e-3                     # t = eps + (1 - eps) U(0, 1)
-    ce_schedule_weight: str = "linear"    # per-sequence CE weight: linear (1/t) | uniform (1)
+    alpha_schedule: str = "linear"        # masking schedule: linear (alpha = 1 - t) | cosine (alpha = cos(pi t / 2)); mask ratio 1 - alpha(t)
+    ce_schedule_weight: str = "elbo"      # per-sequence CE weight: elbo (-alpha'(t) / (1 - alpha(t)), 1/t if linear; old name: linear) | uniform (1)
+    ce_normalization: str = "token"       # CE divided by: token (maskable tokens) | sequence (per sequence, then mean) | batch (b x seq_len)
     ce_weight: float = 1.0                # loss = ce_weight * CE + distill_weight * L_distill
     distill_weight: float = 1.0
     impl: str = "auto"                    # loss implementation: auto | chunked | triton | ...
@@ -69,9 +76,17 @@ class Config:
     student_hidden: int = 128             # width of a new student
     student_layers: int = 2               # layers of a new student
     student_heads: int = 4                # attention heads of a new student
+    student_kv_heads: int = 0             # key/value heads of a new student (0 = student_heads; must divide it)
+    student_intermediate: int = 0         # MLP width of a new student (0 = 4 x student_hidden)
+    gradient_checkpointing: bool = False  # recompute the student's layer activations in backward (less memory)
     block_size: int = 32                  # BD3LM block; must divide seq_len
     teacher: str = ""                     # HF directory of the teacher (MDLM or BD3LM)
     teacher_kind: str = ""                # mdlm | bd3lm, when the directory does not say
+    teacher_mask_token_id: int = -1       # -1: config.json's mask_token_id, else the teacher tokenizer's mask token
+    teacher_block_size: int = 0           # BD3LM teacher block (0: config.json's block_size)
+    teacher_concat_order: str = ""        # BD3LM teacher input: xt_x0 | x0_xt (WeDLM style); "": config.json, else xt_x0
+    teacher_lm_head: str = ""             # custom-code teacher: dotted name of its LM head module ("": found)
+    trust_remote_code: bool = False       # run the modeling code a teacher directory ships (auto_map): only if you trust it
     student_tokenizer: str = ""           # default: the student directory, else the teacher's
     teacher_tokenizer: str = ""           # default: the teacher directory
 
@@ -271,13 +286,19 @@ def check(cfg: Config) -> None:
         fail("--compdemo shapes what the teacher sees; --method ce has no teacher")
     number("demo_ratio", 0.0, 1.0, low_open=True, high_open=True)
     number("temperature", 0.0, low_open=True)
+    number("calm_temperature", 0.0, low_open=True)
     number("lambda_init", 0.0, 1.0)
     number("lambda_max", 0.0, 1.0)
     choice("lambda_schedule", ("cosine", "linear"))
     choice("lambda_axis", ("both", "training_only", "timestep_only"))
     choice("timestep_weight", ("midrange", "uniform"))
     number("eps", 0.0, 1.0, high_open=True)
-    choice("ce_schedule_weight", ("linear", "uniform"))
+    choice("alpha_schedule", ALPHA_SCHEDULES)
+    choice("ce_schedule_weight", ("elbo", "uniform", "linear"))
+    if cfg.ce_schedule_weight == "linear" and cfg.alpha_schedule != "linear":
+        fail("--ce-schedule-weight linear (1/t) is the ELBO weight of the linear schedule only: "
+             f"use --ce-schedule-weight elbo with --alpha-schedule {cfg.alpha_schedule}")
+    choice("ce_normalization", CE_NORMALIZATIONS)
     number("ce_weight", 0.0)
     number("distill_weight", 0.0)
     if cfg.ce_weight == 0 and (cfg.method == "ce" or cfg.distill_weight == 0):
@@ -306,7 +327,15 @@ def check(cfg: Config) -> None:
     if not cfg.student and (cfg.student_hidden % cfg.student_heads or (cfg.student_hidden // cfg.student_heads) % 2):
         fail(f"--student-hidden {cfg.student_hidden} must be --student-heads {cfg.student_heads} times an even "
              f"head width (rotary embeddings)")
+    for name in ("student_kv_heads", "student_intermediate", "teacher_block_size"):
+        if getattr(cfg, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0 (0 = default), got {getattr(cfg, name)}")
+    if cfg.student_kv_heads and cfg.student_heads % cfg.student_kv_heads:
+        fail(f"--student-kv-heads {cfg.student_kv_heads} must divide --student-heads {cfg.student_heads}")
     choice("teacher_kind", ("", "mdlm", "bd3lm"))
+    if cfg.teacher_mask_token_id < -1:
+        fail(f"--teacher-mask-token-id must be >= 0 (or -1: from the teacher), got {cfg.teacher_mask_token_id}")
+    choice("teacher_concat_order", ("",) + CONCAT_ORDERS)
     if cfg.block_size <= 0 or cfg.seq_len % cfg.block_size:
         fail(f"--block-size {cfg.block_size} must divide --seq-len {cfg.seq_len}: "
              f"use a --seq-len that is a multiple of {cfg.block_size}, or another --block-size")

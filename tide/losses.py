@@ -467,8 +467,10 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
     student_chunk (chunk index of each row in [0, num_chunks)) shaped like its leading
     dims; the teacher side likewise with its own leading dims. Rows whose target is
     `ignore_index` take no part (their chunk id is not read). Biases / softcaps as in
-    `tidal_loss`, applied to each side's logits. `lam [num_chunks]`: CALM+TIDAL target
-    weight (a forward objective: needs reverse=False); `weight [num_chunks]`: per-chunk
+    `tidal_loss`, applied to each side's logits. `lam [num_chunks]`: TIDAL's weight of
+    the teacher in the detached chunk target `m = clamp((1 - lam) a + lam b)`: with
+    reverse=False CALM+TIDAL `-(m log a + (1 - m) log(1 - a))`, with reverse=True Reverse
+    CALM+TIDAL `-(a log m + (1 - a) log(1 - m))`; `weight [num_chunks]`: per-chunk
     loss weights. A chunk is active when it has at least one row on each side.
     Returns a tensor: 0-d for "mean" (divided by the number of active chunks; 0 active
     chunks give 0 and zero gradients) and "sum", per-chunk values `[num_chunks]` for
@@ -502,8 +504,6 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
                    lead_name=f"{side}_hidden")
         sides.append((rows, chunk_rows))
     if lam is not None:
-        if reverse:
-            raise ValueError("lam (the CALM+TIDAL target) is a forward objective: pass reverse=False with lam")
         _check_rows("lam", lam, (num_chunks,), low=0.0, high=1.0, device=device, lead_name="num_chunks")
     if weight is not None:
         _check_rows("weight", weight, (num_chunks,), device=device, lead_name="num_chunks")
@@ -517,6 +517,10 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
         teacher_logprobs = _token_logprobs(teacher_rows.gather(teacher_hidden), teacher_weight,
                                            teacher_rows.gather(teacher_targets).long(), teacher_bias,
                                            softcaps[1], impl)
+    if lam is not None and reverse:  # Reverse CALM + TIDAL = Reverse CALM against the mixed target m
+        teacher_logprobs, teacher_chunk = _mixed_chunk_target(student_logprobs, student_chunk, teacher_logprobs,
+                                                              teacher_chunk, num_chunks, float(temperature), lam)
+        lam = None
     kwargs = dict(num_chunks=num_chunks, reverse=reverse, temperature=float(temperature),
                   lam=lam, weight=weight, reduction=reduction)
     chunk_args = (student_logprobs, student_chunk.long(), teacher_logprobs, teacher_chunk.long())
@@ -525,6 +529,25 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
             from .kernels import calm as calm_kernels
             return calm_kernels.fused_calm_from_token_logprobs(*chunk_args, **kwargs)
         return reference.calm_from_token_logprobs(*chunk_args, **kwargs)
+
+
+@torch.no_grad()
+def _mixed_chunk_target(student_logprobs, student_chunk, teacher_logprobs, teacher_chunk, num_chunks, temperature,
+                        lam):
+    """Teacher rows that make Reverse CALM compute Reverse CALM + TIDAL: one row per chunk that has
+    teacher rows, with log-likelihood `T log m`, so its chunk probability is the detached mixture
+    `m = clamp((1 - lam) a + lam b, eps, 1 - eps)` of the student's `a` and the teacher's `b`.
+    Returns `(logprobs [C], chunk ids [C])`."""
+    T, eps = temperature, reference.CHUNK_PROB_EPS
+    dtype = student_logprobs.dtype
+    student_chunk, teacher_chunk = student_chunk.long(), teacher_chunk.long()
+    chunk_student = student_logprobs.new_zeros(num_chunks).index_add(0, student_chunk, student_logprobs.detach())
+    chunk_teacher = student_logprobs.new_zeros(num_chunks).index_add(0, teacher_chunk, teacher_logprobs.to(dtype))
+    a = torch.clamp(torch.exp(chunk_student / T), eps, 1 - eps)
+    b = torch.clamp(torch.exp(chunk_teacher / T), eps, 1 - eps)
+    m = torch.clamp((1 - lam.to(dtype)) * a + lam.to(dtype) * b, eps, 1 - eps)
+    chunks = torch.bincount(teacher_chunk, minlength=num_chunks).nonzero().squeeze(1)
+    return T * torch.log(m[chunks]), chunks
 
 
 def complementary_split(masked, demo_ratio=0.5, *, generator=None):

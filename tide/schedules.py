@@ -1,4 +1,14 @@
-"""TIDAL's two axes and its timestep weight (SPEC.md, "TIDAL"): shared by every impl.
+"""The masking schedule and its ELBO weight (SPEC.md, "Setting"), and TIDAL's two axes and
+its timestep weight (SPEC.md, "TIDAL"): shared by the trainer and every loss impl.
+
+Masking schedule alpha(t) (the probability that a token stays clean at time t):
+- "linear": alpha = 1 - t, so the mask ratio 1 - alpha is t and the ELBO weight
+  -alpha'(t) / (1 - alpha(t)) is 1 / t;
+- "cosine": alpha = cos(pi t / 2): mask ratio 1 - cos(pi t / 2) = 2 sin^2(pi t / 4),
+  ELBO weight (pi / 2) sin(pi t / 2) / (1 - cos(pi t / 2)) = (pi / 2) / tan(pi t / 4)
+  (both written in the forms that keep float32 precision near t = 0).
+TIDAL's lambda_b and w_b take the mask ratio (what fraction is masked), the CE takes
+the ELBO weight of t.
 
 Every implementation (reference, chunked, Triton) receives the per-row teacher
 weight `row_lambda [N]` and the per-row loss weight `row_weight [N]` computed
@@ -17,12 +27,31 @@ def _as_float(mask_ratio: torch.Tensor) -> torch.Tensor:
     return mask_ratio.detach().to(dtype)
 
 SCHEDULES = ("cosine", "linear")
+ALPHA_SCHEDULES = ("linear", "cosine")
 AXES = ("both", "training_only", "timestep_only")
 TIMESTEP_WEIGHTS = ("midrange", "uniform")
 
 # "midrange" weight: a Gaussian bump centred at t = 0.5 with this width.
 MIDRANGE_CENTER = 0.5
 MIDRANGE_WIDTH = 0.15
+
+
+def mask_ratio(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """1 - alpha(t) `[b]`: the probability that a maskable token is masked at time t `[b]`."""
+    if schedule == "linear":
+        return t
+    if schedule == "cosine":
+        return 2.0 * torch.sin(math.pi / 4 * t) ** 2
+    raise ValueError(f"alpha schedule must be one of {ALPHA_SCHEDULES}, got {schedule!r}")
+
+
+def elbo_weight(t: torch.Tensor, schedule: str = "linear") -> torch.Tensor:
+    """-alpha'(t) / (1 - alpha(t)) `[b]`: the diffusion ELBO's per-sequence CE weight at time t `[b]`."""
+    if schedule == "linear":
+        return 1.0 / t
+    if schedule == "cosine":
+        return (math.pi / 2) / torch.tan(math.pi / 4 * t)
+    raise ValueError(f"alpha schedule must be one of {ALPHA_SCHEDULES}, got {schedule!r}")
 
 
 def lambda_train(progress: float, lambda_init: float = 0.1, lambda_max: float = 0.9,

@@ -36,9 +36,9 @@ from torch import nn
 
 from tide import checkpoint, evaluate, losses, schedules
 from tide.compdemo import merge_teacher_hidden, teacher_inputs
-from tide.config import CHUNK_METHODS, Config, check, load_config
+from tide.config import CHUNK_METHODS, TIDAL_METHODS, Config, check, load_config
 from tide.generate import generate
-from tide.models import build_config, build_model, load_model
+from tide.models import build_config, build_model, load_model, read_config
 
 MASK_TOKEN = "<|mask|>"
 
@@ -53,11 +53,13 @@ def seeded_generator(seed: int, micro_index: int, device) -> torch.Generator:
 
 
 def noise_batch(batch: dict, cfg: Config, gen: torch.Generator) -> dict:
-    """t per sequence, masked positions, and (cross pipeline) chunk-consistent masks."""
+    """t per sequence, its mask ratio 1 - alpha(t), masked positions, and (cross pipeline)
+    chunk-consistent masks."""
     ids, maskable = batch["student_input_ids"], batch["student_maskable"]
     t = cfg.eps + (1 - cfg.eps) * torch.rand(ids.shape[0], device=ids.device, generator=gen)
-    masked = maskable & (torch.rand(ids.shape, device=ids.device, generator=gen) < t[:, None])
-    out = {"t": t, "masked": masked}
+    ratio = schedules.mask_ratio(t, cfg.alpha_schedule)
+    masked = maskable & (torch.rand(ids.shape, device=ids.device, generator=gen) < ratio[:, None])
+    out = {"t": t, "mask_ratio": ratio, "masked": masked}
     if cfg.pipeline == "cross":
         # chunk-consistent masking: one masked student token masks its whole chunk, on both sides
         # (tide.data gives every chunk a batch-unique id and only maskable tokens)
@@ -106,39 +108,36 @@ class StudentLoss(nn.Module):
 
     def forward(self, batch: dict, noise: dict, t_hidden, t_weight, progress: float):
         cfg, student = self.cfg, self.student
-        ids, masked, t = batch["student_input_ids"], noise["masked"], noise["t"]
+        ids, masked = batch["student_input_ids"], noise["masked"]
         x_t = torch.where(masked, student.mask_token_id, ids)
         hidden = student(x_t, ids, batch.get("student_attention_mask"))  # [b, L, d], x_t half
         weight = student.lm_head_weight
-        # CE weight per row: the schedule weight 1/t_b (or 1). The losses divide by the row count N
-        # ("mean"); multiplying by N / n_maskable turns that into SPEC's token normalisation.
         rows_b = masked.nonzero(as_tuple=True)[0]
-        row_t = t[rows_b]
-        ce_w = 1.0 / row_t if cfg.ce_schedule_weight == "linear" else torch.ones_like(row_t)
-        n_rows = masked.sum()
-        ce_scale = n_rows / batch["student_maskable"].sum().clamp(min=1)
+        row_ratio = noise["mask_ratio"][rows_b]  # TIDAL's t_b: the mask ratio of the row's sequence
+        ce_row = ce_row_weights(batch, noise, cfg)[masked]  # [N]: CE = sum over masked rows of ce_row * CE_row
+        n_rows = rows_b.numel()
         h_rows, targets = hidden[masked], ids[masked]
         common = dict(temperature=cfg.temperature, impl=cfg.impl)
 
         if cfg.method != "ce" and cfg.pipeline == "shared":  # token-level, CE in the same vocabulary pass
-            fused = dict(targets=targets, ce_weight=ce_w, shared_vocab=self.shared_vocab, **common)
+            # the fused losses divide both terms by the row count N ("mean"): ce_weight = N * ce_row undoes it
+            fused = dict(targets=targets, ce_weight=ce_row * n_rows, shared_vocab=self.shared_vocab, **common)
             t_rows = t_hidden[masked]
             if cfg.method == "tidal":
-                distill, ce = losses.tidal_loss(h_rows, weight, t_rows, t_weight, row_t, progress,
+                distill, ce = losses.tidal_loss(h_rows, weight, t_rows, t_weight, row_ratio, progress,
                                                 **self.tidal_options, **fused)
             else:
                 distill, ce = losses.kl_loss(h_rows, weight, t_rows, t_weight, reverse=cfg.method == "reverse_kl",
                                              **fused)
         else:  # CE alone, or next to a loss on other rows (aligned pairs, chunks)
             logp = losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)
-            ce = -(ce_w * logp).sum() / n_rows.clamp(min=1)
+            ce = -(ce_row * logp).sum()
             if cfg.method == "ce":
                 distill = torch.zeros_like(ce)
             elif cfg.pipeline == "aligned":
                 distill = self.pair_loss(hidden, weight, t_hidden, t_weight, noise, progress, common)
             else:
                 distill = self.chunk_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress)
-        ce = ce * ce_scale
         loss = cfg.ce_weight * ce + cfg.distill_weight * distill
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "distill": distill.detach()}
 
@@ -153,28 +152,50 @@ class StudentLoss(nn.Module):
         rows, s_pos, t_pos = noise["pair_rows"], noise["pair_student"], noise["pair_teacher"]
         s_h, t_h = hidden[rows, s_pos], t_hidden[rows, t_pos]
         if self.cfg.method == "tidal":
-            return losses.tidal_loss(s_h, weight, t_h, t_weight, noise["t"][rows], progress,
+            return losses.tidal_loss(s_h, weight, t_h, t_weight, noise["mask_ratio"][rows], progress,
                                      shared_vocab=self.shared_vocab, **self.tidal_options, **common).distill
         return losses.kl_loss(s_h, weight, t_h, t_weight, reverse=self.cfg.method == "reverse_kl",
                               shared_vocab=self.shared_vocab, **common).distill
 
     def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress):
-        """Cross-tokenizer pipeline: (Reverse) CALM / CALM+TIDAL on chunk log-likelihoods."""
+        """Cross-tokenizer pipeline: (Reverse) CALM / (Reverse) CALM+TIDAL on chunk log-likelihoods,
+        at --calm-temperature."""
         cfg = self.cfg
         s_chunk, t_chunk, num_chunks = batch["student_chunk_ids"], batch["teacher_chunk_ids"], batch["num_chunks"]
         s_rows = noise["masked"] & (s_chunk >= 0)
         t_rows = noise["teacher_masked"]
         lam = weight_c = None
-        if cfg.method == "calm_tidal":  # per-chunk lambda_b and w_b from the t_b of the chunk's sequence
-            t_c = noise["t"][batch["chunk_batch_index"]]
+        if cfg.method in TIDAL_METHODS:  # per-chunk lambda_b and w_b from the mask ratio of the chunk's sequence
+            t_c = noise["mask_ratio"][batch["chunk_batch_index"]]
             lam = schedules.row_lambda(t_c, progress, cfg.lambda_init, cfg.lambda_max, cfg.lambda_schedule,
                                        cfg.lambda_axis)
             weight_c = schedules.timestep_weight(t_c, cfg.timestep_weight)
         return losses.calm_loss(
             hidden[s_rows], weight, batch["student_input_ids"][s_rows], s_chunk[s_rows],
             t_hidden[t_rows], t_weight, batch["teacher_input_ids"][t_rows], t_chunk[t_rows],
-            num_chunks=num_chunks, reverse=cfg.method == "reverse_calm", lam=lam, weight=weight_c,
-            temperature=cfg.temperature, impl=cfg.impl)
+            num_chunks=num_chunks, reverse=cfg.method in ("reverse_calm", "reverse_calm_tidal"), lam=lam,
+            weight=weight_c, temperature=cfg.calm_temperature, impl=cfg.impl)
+
+
+def ce_row_weights(batch: dict, noise: dict, cfg: Config) -> torch.Tensor:
+    """Per-position CE weights `[b, L]` such that CE = sum over masked positions of weight * CE_i.
+
+    Schedule weight of each sequence (--ce-schedule-weight: the ELBO weight -alpha'(t) / (1 - alpha(t)),
+    1/t for the linear schedule, or 1) over the --ce-normalization denominator:
+    "token": the maskable tokens of the micro-batch; "sequence": each sequence's own maskable
+    tokens times the number of sequences that have any; "batch": b x seq_len.
+    """
+    t, maskable = noise["t"], batch["student_maskable"]
+    seq_weight = torch.ones_like(t) if cfg.ce_schedule_weight == "uniform" \
+        else schedules.elbo_weight(t, cfg.alpha_schedule)  # "elbo" (or its old name "linear")
+    per_seq = maskable.sum(1)                                                     # [b]
+    if cfg.ce_normalization == "token":
+        seq_weight = seq_weight / per_seq.sum().clamp(min=1)
+    elif cfg.ce_normalization == "sequence":
+        seq_weight = seq_weight / (per_seq.clamp(min=1) * (per_seq > 0).sum().clamp(min=1))
+    else:
+        seq_weight = seq_weight / maskable.numel()
+    return seq_weight[:, None].expand_as(maskable)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -238,15 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = evaluate.load_records(cfg.eval_data) if cfg.eval_data else None  # --eval-data: bits per byte
 
     # ---- models
-    teacher = None
-    if cfg.needs_teacher:
-        teacher = load_model(cfg.teacher, kind=cfg.teacher_kind or None, device=device,
-                             dtype=torch.bfloat16 if use_bf16 else None,  # flash-attn 2 needs bf16
-                             attn_implementation=None if use_bf16 else "sdpa").eval().requires_grad_(False)
+    teacher = load_teacher(cfg, tokenizers["teacher"], device, use_bf16, fsdp) if cfg.needs_teacher else None
     student = make_student(cfg, tokenizers["student"], resume_from, device)
     # config.json names the tokens a sampler stops at and pads with (tide.generate reads them)
     student.config.eos_token_id = tokenizers["student"].eos_token_id
     student.config.pad_token_id = tokenizers["student"].pad_token_id
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
+        if hasattr(student.decoder, "activation_checkpointing_enable"):
+            student.decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     check_pair(cfg, student, teacher, tokenizers)
 
     # ---- data order: the dataset in a fixed order per epoch; position = micro-batches consumed
@@ -265,9 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if use_bf16 else None, reduce_dtype=torch.float32)
-        for layer in student.backbone.layers:
+        for layer in student.layers:
             fully_shard(layer, mp_policy=policy)
         fully_shard(objective, mp_policy=policy)
+        if teacher is not None:
+            shard_frozen(teacher, device)
     elif distributed:
         wrapped = nn.parallel.DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
     decay = [p for p in student.parameters() if p.requires_grad and p.dim() >= 2]
@@ -350,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
             now = time.time()
             record = {"step": step, "loss": parts[0].item(), "ce": parts[1].item(), "distill": parts[2].item(),
                       "lr": lr, "lambda": schedules.lambda_train(progress, cfg.lambda_init, cfg.lambda_max,
-                                                                  cfg.lambda_schedule) if cfg.method in ("tidal", "calm_tidal") else None,
+                                                                  cfg.lambda_schedule) if cfg.method in TIDAL_METHODS else None,
                       "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
                       if grad_norm is not None else None,
                       "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
@@ -476,31 +500,92 @@ def load_tokenizers(cfg: Config) -> dict:
     from transformers import AutoTokenizer
     student_path = cfg.student_tokenizer or cfg.student or cfg.teacher
     teacher_path = cfg.teacher_tokenizer or cfg.teacher
-    out = {"student": with_mask_token(AutoTokenizer.from_pretrained(student_path, local_files_only=True)), "teacher": None}
-    if cfg.needs_teacher:  # the teacher's own mask id comes from its config.json
-        out["teacher"] = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
+    out = {"student": with_mask_token(AutoTokenizer.from_pretrained(student_path, local_files_only=True)),
+           "teacher": None}
+    if cfg.needs_teacher:  # the teacher's mask id: --teacher-mask-token-id, its config.json, or this tokenizer
+        out["teacher"] = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True,
+                                                       trust_remote_code=cfg.trust_remote_code)
         if out["teacher"].pad_token is None:
             out["teacher"].pad_token = out["teacher"].eos_token or out["teacher"].unk_token
     return out
 
 
+def load_teacher(cfg: Config, tokenizer, device, use_bf16: bool, fsdp: bool) -> nn.Module:
+    """The frozen teacher from `--teacher DIR`: a tide checkpoint, a native Hugging Face decoder run
+    bidirectionally (`--teacher-kind`, mask id, block size, concat order), or custom code
+    (`--trust-remote-code`). bf16 on CUDA; under FSDP it is read on the CPU and `shard_frozen`
+    moves it to the GPU one layer shard at a time."""
+    from tide.models import default_attention
+    try:
+        raw = read_config(cfg.teacher)
+        if not (cfg.teacher_kind or raw.get("tide_kind")):
+            raise ValueError(f"{cfg.teacher} is not a tide checkpoint (no tide_kind in its config.json): pass "
+                             f"--teacher-kind mdlm (full bidirectional) or bd3lm (block diffusion)")
+        mask_id = cfg.teacher_mask_token_id if cfg.teacher_mask_token_id >= 0 else raw.get("mask_token_id")
+        if mask_id is None:
+            mask_id = tokenizer.mask_token_id  # the teacher tokenizer's mask token, if it has one
+        if mask_id is None:
+            raise ValueError(f"{cfg.teacher}: no mask token id (no mask_token_id in config.json, no mask token in "
+                             f"the teacher tokenizer): pass --teacher-mask-token-id ID")
+        kind = cfg.teacher_kind or raw.get("tide_kind")
+        teacher = load_model(cfg.teacher, kind=cfg.teacher_kind or None, block_size=cfg.teacher_block_size or None,
+                             mask_token_id=mask_id, concat_order=cfg.teacher_concat_order or None,
+                             trust_remote_code=cfg.trust_remote_code, lm_head=cfg.teacher_lm_head or None,
+                             device="cpu" if fsdp else device, dtype=torch.bfloat16 if use_bf16 else None,
+                             attn_implementation=default_attention(kind, device) if use_bf16 else "sdpa")
+    except (ValueError, FileNotFoundError) as err:  # a config error, said as one
+        raise SystemExit(f"--teacher: {err}") from None
+    return teacher.eval().requires_grad_(False)
+
+
+def shard_frozen(model: nn.Module, device) -> None:
+    """FSDP2 `fully_shard` on each layer of the frozen teacher: every rank holds 1/world of the layer
+    weights and gathers one layer at a time in forward. Embeddings, final norm and LM head stay whole
+    on every rank (the fused loss reads the head weight directly): moved to `device` here; the layers
+    are moved by fully_shard."""
+    from torch.distributed.fsdp import fully_shard
+    layers = model.layers
+    inside = {id(m) for m in layers.modules()}
+    for layer in layers:
+        fully_shard(layer)
+    moved = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module._parameters.values():
+            if param is not None and id(param) not in moved:  # tied weights are moved once, stay tied
+                param.data = param.data.to(device)
+                moved.add(id(param))
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+
+
 def make_student(cfg: Config, tokenizer, resume_from: str | None, device) -> nn.Module:
-    """Resume point > `--student DIR` > a fresh model of `--student-arch` size."""
+    """Resume point > `--student DIR` > a fresh model of `--student-arch` size.
+
+    `--student DIR` of a plain causal LM (any native architecture, e.g. Qwen3-0.6B) becomes a
+    BD3LM with its weights kept: the mask token is added to the tokenizer and, when the
+    embedding matrix has no free row for it, the embeddings (and an untied head) are resized.
+    """
     mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
     if resume_from:
         return load_model(resume_from, device=device)
     if cfg.student:
-        from transformers import AutoConfig
-        tide_kind = getattr(AutoConfig.from_pretrained(cfg.student, local_files_only=True), "tide_kind", None)
-        student = load_model(cfg.student, kind=cfg.student_kind, block_size=cfg.block_size,
-                             mask_token_id=mask_id, device=device)
+        try:
+            tide_kind = read_config(cfg.student).get("tide_kind")
+            student = load_model(cfg.student, kind=cfg.student_kind, block_size=cfg.block_size,
+                                 mask_token_id=mask_id, device=device)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--student: {err}") from None
         if tide_kind is None and student.vocab_size < len(tokenizer):  # a plain causal LM: room for the mask
             student.decoder.resize_token_embeddings(len(tokenizer))
         if student.kind == "bd3lm":
             student.block_size = cfg.block_size
         return student
     config = build_config(cfg.student_arch, len(tokenizer), cfg.student_hidden, cfg.student_layers,
-                          cfg.student_heads, max_position_embeddings=max(cfg.seq_len, 128))
+                          cfg.student_heads, intermediate_size=cfg.student_intermediate or None,
+                          num_kv_heads=cfg.student_kv_heads or None, max_position_embeddings=max(cfg.seq_len, 128))
     return build_model(cfg.student_kind, config, block_size=cfg.block_size, mask_token_id=mask_id, device=device)
 
 

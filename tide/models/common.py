@@ -3,15 +3,30 @@ decoder used as a backbone, the LM head exposed as a weight, HF-format save/load
 
 A saved model is a plain Hugging Face directory (`config.json`,
 `model.safetensors`, tokenizer files); the diffusion settings travel inside
-`config.json` as three extra attributes: `tide_kind` ("bd3lm" | "mdlm"),
-`block_size` and `mask_token_id`.
+`config.json` as extra attributes: `tide_kind` ("bd3lm" | "mdlm"),
+`block_size`, `mask_token_id` and (BD3LM) `concat_order`.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
+
+
+def local_directory(path, what: str = "model") -> str:
+    """`path` as a string if it is an existing local directory; otherwise FileNotFoundError.
+
+    Every loader calls this first: a missing path is an error, never a Hugging Face hub
+    repo id (nothing is ever downloaded; `from_pretrained` also runs with local_files_only).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{what} {path!r} is not a local directory (hub repo ids are never downloaded: "
+            f"download the model first, e.g. `huggingface-cli download REPO --local-dir DIR`, and pass DIR)")
+    return path
 
 
 def default_attention(kind: str, device: torch.device | str) -> str:
@@ -46,6 +61,11 @@ class DiffusionLM(nn.Module):
         return self.decoder.get_decoder()
 
     @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers (what FSDP2 shards one by one)."""
+        return self.backbone.layers
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         """`[V, d]` LM-head weight (tied to the embeddings when the config says so)."""
         return self.decoder.get_output_embeddings().weight
@@ -67,4 +87,6 @@ class DiffusionLM(nn.Module):
         self.config.tide_kind = self.kind
         self.config.block_size = self.block_size
         self.config.mask_token_id = self.mask_token_id
+        if self.kind == "bd3lm":
+            self.config.concat_order = self.concat_order
         self.decoder.save_pretrained(path, safe_serialization=True, **kwargs)
