@@ -151,6 +151,20 @@ BAD = [
     (["--eval-data", "/nonexistent/heldout"], ["--eval-data"]),
     (["--eval-interval", "-1"], ["--eval-interval"]),
     (["--eval-samples", "0"], ["--eval-samples"]),
+    # bring your own models (issue 11)
+    (["--calm-temperature", "0"], ["--calm-temperature"]),
+    (["--calm-temperature", "inf"], ["--calm-temperature", "finite"]),
+    (["--alpha-schedule", "sqrt"], ["--alpha-schedule"]),
+    (["--ce-schedule-weight", "linear", "--alpha-schedule", "cosine"], ["--ce-schedule-weight elbo"]),
+    (["--ce-normalization", "tokens"], ["--ce-normalization"]),
+    (["--gradient-checkpointing", "--student-kv-heads", "3"], ["--student-kv-heads", "divide"]),
+    (["--student-kv-heads", "-1"], ["--student-kv-heads"]),
+    (["--student-intermediate", "-1"], ["--student-intermediate"]),
+    (["--teacher-mask-token-id", "-2"], ["--teacher-mask-token-id"]),
+    (["--teacher-block-size", "-1"], ["--teacher-block-size"]),
+    (["--teacher-concat-order", "x0x0"], ["--teacher-concat-order"]),
+    (["--trust-remote-code"], ["--trust-remote-code", "no teacher"]),
+    (["--teacher-lm-head", "lm_head"], ["--teacher-lm-head", "--trust-remote-code"]),
 ]
 
 

@@ -187,14 +187,3 @@ def test_trainer_passes_calm_temperature_and_reverse_tidal(monkeypatch):
     assert torch.allclose(kwargs["lam"], schedules.row_lambda(ratio, 0.25))
     assert torch.allclose(kwargs["weight"], schedules.timestep_weight(ratio))
 
-
-def test_schedule_options_are_checked():
-    from tide.config import check
-    base = dict(method="ce", data=__file__, student_tokenizer=__file__)
-    for bad, message in ((dict(alpha_schedule="cos"), "--alpha-schedule"),
-                         (dict(ce_normalization="tokens"), "--ce-normalization"),
-                         (dict(alpha_schedule="cosine", ce_schedule_weight="linear"), "use --ce-schedule-weight elbo"),
-                         (dict(calm_temperature=0.0), "--calm-temperature")):
-        with pytest.raises(SystemExit, match=message):
-            check(Config(**base, **bad))
-    check(Config(**base, ce_schedule_weight="linear"))  # the old name of elbo, linear schedule

@@ -336,6 +336,10 @@ def check(cfg: Config) -> None:
     if cfg.teacher_mask_token_id < -1:
         fail(f"--teacher-mask-token-id must be >= 0 (or -1: from the teacher), got {cfg.teacher_mask_token_id}")
     choice("teacher_concat_order", ("",) + CONCAT_ORDERS)
+    if cfg.trust_remote_code and not cfg.needs_teacher:
+        fail(f"--trust-remote-code runs a teacher directory's own modeling code; --method {cfg.method} has no teacher")
+    if cfg.teacher_lm_head and not cfg.trust_remote_code:
+        fail("--teacher-lm-head names the LM head module of a custom-code teacher: it goes with --trust-remote-code")
     if cfg.block_size <= 0 or cfg.seq_len % cfg.block_size:
         fail(f"--block-size {cfg.block_size} must divide --seq-len {cfg.seq_len}: "
              f"use a --seq-len that is a multiple of {cfg.block_size}, or another --block-size")
