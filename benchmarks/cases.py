@@ -13,8 +13,11 @@ correctness check can hold each implementation to the same float64 answer:
 | reverse_calm    | Reverse CALM over random chunks (student fwd + bwd, teacher fwd)             |
 | compdemo_split  | CompDemo's complementary split of a [b, l] masked set (forward only)          |
 
-tide's `kl_loss`/`tidal_loss` return `T^2 KL` (SPEC.md), so their distillation
-term is divided by T^2 here. Peers and their conventions:
+tide's `kl_loss`/`tidal_loss` return `T^2 KL` (SPEC.md) and weight CE per row
+with `ce_weight`, so tide computes the KL-family scalars as
+`(SOFT / T^2) (distill + ce)` with `ce_weight = HARD T^2 / SOFT`: both outputs
+then get the same upstream gradient, which lets the chunked path contract one
+logit gradient per block (the way to weight CE against distillation with tide). Peers and their conventions:
 - Liger-Kernel `LigerFusedLinearJSDLoss` (chunked PyTorch, `compiled=True` and
   `False`): generalised JSD with `beta=0` = KL(teacher || student) = forward KL,
   `beta=1` = KL(student || teacher) = reverse KL; soft and hard losses are
@@ -135,6 +138,7 @@ def build(case_name: str, shape: dict, device, dtype, seed: int = 0) -> dict:
         teacher_weight=_random(g, vocab, d_t, scale=2 / d_t ** 0.5, dtype=dtype, device=device),
         mask_ratio=torch.rand(rows, generator=g).clamp_min(1e-3).to(device),
         targets=torch.randint(0, vocab, (rows,), generator=g).to(device),
+        ce_weight=torch.full((rows,), HARD * TEMPERATURE ** 2 / SOFT, dtype=dtype, device=device),
     )
     if case_name == "reverse_calm":
         chunks = shape["chunks"]
@@ -155,12 +159,12 @@ def tide_scalar(case_name: str, impl: str, x: dict) -> torch.Tensor:
     student = (x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
     if case_name == "tidal_ce":
         distill, ce = _distill_ce(tide.tidal_loss(*student, x["mask_ratio"], PROGRESS, targets=x["targets"],
-                                                  temperature=TEMPERATURE, impl=impl))
-        return HARD * ce + SOFT * distill / TEMPERATURE ** 2
+                                                  ce_weight=x["ce_weight"], temperature=TEMPERATURE, impl=impl))
+        return SOFT / TEMPERATURE ** 2 * (distill + ce)
     if case_name in ("forward_kl_ce", "reverse_kl_ce"):
         distill, ce = _distill_ce(tide.kl_loss(*student, reverse=case_name == "reverse_kl_ce", targets=x["targets"],
-                                               temperature=TEMPERATURE, impl=impl))
-        return HARD * ce + SOFT * distill / TEMPERATURE ** 2
+                                               ce_weight=x["ce_weight"], temperature=TEMPERATURE, impl=impl))
+        return SOFT / TEMPERATURE ** 2 * (distill + ce)
     if case_name == "token_logprobs":
         return -tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], impl=impl).mean()
     if case_name == "reverse_calm":

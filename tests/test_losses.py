@@ -273,3 +273,29 @@ def test_chunked_never_allocates_n_by_v(monkeypatch):
                                       impl="chunked")
         (distill + ce).backward()
     assert mode.largest_numel < num_rows * vocab // 4
+
+
+@pytest.mark.parametrize("grad_outputs", [(1.0, 1.0), (0.7, 0.7), (0.3, 1.7), (1.0, 0.0), (0.0, 2.0)])
+@pytest.mark.parametrize("loss", ["tidal", "forward_kl", "reverse_kl"])
+def test_chunked_distill_plus_ce_gradient_for_any_pair_of_upstream_gradients(loss, grad_outputs):
+    """chunked contracts d (distill + ce) / d logits in its forward walk: exact for equal upstream
+    gradients, and for unequal ones (or one output unused) backward adds the CE gradient alone."""
+    num_rows, vocab, d_s = 37, 301, 24
+    inputs = make_inputs(num_rows, seed=11)
+    g = torch.Generator().manual_seed(3)
+    student_bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    if loss == "tidal":
+        fn = lambda h, w, th, tw, mr, tg, cw, **kw: tide.tidal_loss(h, w, th, tw, mr, 0.37, targets=tg, ce_weight=cw,
+                                                                   **kw)
+    else:
+        fn = lambda h, w, th, tw, mr, tg, cw, **kw: tide.kl_loss(h, w, th, tw, reverse=loss == "reverse_kl",
+                                                                targets=tg, ce_weight=cw, **kw)
+    results = {}
+    for impl in ("chunked", "reference"):
+        bias = student_bias.clone().requires_grad_(True)
+        ups = [torch.tensor(v, dtype=torch.float64) for v in grad_outputs]
+        got = run(fn, impl, inputs, grad_outputs=ups, student_bias=bias, student_softcap=7.0)
+        results[impl] = (*got, bias.grad)
+    (values_c, *grads_c), (values_r, *grads_r) = results["chunked"], results["reference"]
+    for a, b in zip(values_c + grads_c, values_r + grads_r):
+        assert_close(a, b)
