@@ -145,7 +145,7 @@ def _grads(fn, sh, sw, grad_outputs):
     a, b = sh.detach().clone().requires_grad_(True), sw.detach().clone().requires_grad_(True)
     out = fn(a, b)
     outs = tuple(o for o in out if o is not None) if isinstance(out, tuple) else (out,)   # DistillOutput
-    sum(o * g for o, g in zip(outs, grad_outputs)).backward()
+    sum((o * g).sum() for o, g in zip(outs, grad_outputs)).backward()      # per-row outputs for "none"
     return [o.detach().double() for o in outs], [a.grad.double(), b.grad.double()]
 
 
@@ -172,6 +172,9 @@ def tidal_correctness(ctx: Context):
                 impl=impl)),
             "forward kl": lambda impl: (lambda a, b: tide.kl_loss(
                 a, b, th, tw, shared_vocab=shapes["shared"], impl=impl)),
+            "tidal+ce none softcap+bias": lambda impl: (lambda a, b: tide.tidal_loss(
+                a, b, th, tw, t, 0.4, shared_vocab=shapes["shared"], targets=targets, student_softcap=30.0,
+                teacher_softcap=20.0, student_bias=0.1 * torch.ones_like(b[:, 0]), reduction="none", impl=impl)),
         }
         loss_tol, grad_tol = (2e-4, 2e-2) if dtype == torch.bfloat16 else (2e-5, 1e-4)
         for name, make in cases.items():
