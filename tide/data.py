@@ -68,6 +68,11 @@ take part clipped to their content characters.
 Truncation (`student_max_length`, `teacher_max_length`): each sequence keeps
 its first tokens; chunks the cut passes through are dropped on both sides;
 pairs with a cut position are dropped.
+
+Offline: `python -m tide.data prepare --data ... --student-tokenizer DIR
+--teacher-tokenizer DIR --out DIR [--num-proc N]` builds every example once (a
+`datasets` map) into an Arrow dataset that `PreparedDataset` (and `tide.train
+--data DIR`) reads, cut to the trainer's lengths on access.
 """
 from __future__ import annotations
 
@@ -91,6 +96,7 @@ __all__ = [
 
 MODES = ("shared", "aligned", "cross")
 PLAIN_CHAT_TEMPLATE = "{Role}: {content}\n\n"  # per message, for tokenizers without a chat template
+# (and the tokenizer's EOS token right after each assistant content, when it has one)
 #   (an assistant content is followed by the tokenizer's EOS token, when it has one)
 _MARKER = "\ue000TIDE-CONTENT-{}\ue001"  # private-use characters: unique in any real conversation
 
@@ -897,11 +903,14 @@ def prepare(data: str, out: str, *, student_tokenizer: str, teacher_tokenizer: s
         "num_chunks": datasets.Value("int32"),
         "aligned_pairs": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
         "student_first_maskable": datasets.Value("int32")})
+    import time
+    start = time.perf_counter()
     prepared = records.map(rows, batched=True, batch_size=64, with_indices=True, num_proc=num_proc,
                            remove_columns=records.column_names, features=features,
                            desc="tide.data prepare", load_from_cache_file=False)
     prepared.save_to_disk(out)
-    meta = {"mode": resolved, "source": os.path.abspath(data), "seq_len": seq_len,
+    seconds = time.perf_counter() - start  # map (worker start and tokenizer loading included) + write
+    meta = {"mode": resolved, "num_proc": num_proc or 1, "seconds": round(seconds, 3), "source": os.path.abspath(data), "seq_len": seq_len,
             "num_examples": len(prepared), "student_tokenizer": os.path.abspath(student_tokenizer),
             "teacher_tokenizer": os.path.abspath(teacher_tokenizer) if teacher_tokenizer else None,
             "student_vocab_size": len(student), "teacher_vocab_size": len(teacher) if teacher else None,
@@ -970,7 +979,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 def main(argv=None) -> None:
     import argparse
-    import time
+    import json
 
     parser = argparse.ArgumentParser(prog="python -m tide.data", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -984,16 +993,13 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="text files are cut into 4 * seq_len characters")
     p.add_argument("--num-proc", type=int, default=None, help="processes for the map (default: 1)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
     out = prepare(args.data, args.out, student_tokenizer=args.student_tokenizer,
                   teacher_tokenizer=args.teacher_tokenizer, mode=args.mode, seq_len=args.seq_len,
                   num_proc=args.num_proc)
-    seconds = time.perf_counter() - start
     with open(os.path.join(out, PREPARED_META)) as f:
-        import json
         meta = json.load(f)
-    print(f"prepared {meta['num_examples']} examples ({meta['mode']}) in {seconds:.1f} s "
-          f"({meta['num_examples'] / seconds:.1f} examples/s, num_proc={args.num_proc or 1}) -> {out}")
+    print(f"prepared {meta['num_examples']} examples ({meta['mode']}) in {meta['seconds']:.1f} s "
+          f"({meta['num_examples'] / meta['seconds']:.1f} examples/s, num_proc={meta['num_proc']}) -> {out}")
 
 
 if __name__ == "__main__":
