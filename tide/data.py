@@ -865,7 +865,7 @@ def _load_tokenizer(path):
     if not os.path.isdir(path):
         raise ValueError(f"tokenizer folder {path!r} does not exist (a local folder is needed; no hub lookup)")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def prepare(data: str, out: str, *, student_tokenizer: str, teacher_tokenizer: str | None = None,
