@@ -327,3 +327,17 @@ def test_composed_characters_attach_to_the_token_before():
 def test_lone_surrogate_is_a_value_error():
     with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at character 2"):
         chunk_alignment("ab\ud800c", toks.byte_bpe(), toks.unigram())
+
+
+def test_attach_in_text_order_matches_any_order():
+    """The one-sweep path (tokens in text order) and the exact-coverage path agree; the latter
+    also serves offsets out of order."""
+    from tide.align import _attach_uncovered, _attach_uncovered_any_order
+
+    for name in ("wordpiece", "unigram", "byte_bpe"):
+        tok = toks.ALL[name]()
+        for text in random_texts(seed=11, count=60) + ["cafe\u0301 e\u0301\u0301x", "\u1112\u1161\u11ab"]:
+            offsets = [tuple(o) for o in tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+            attached = _attach_uncovered(text, offsets)
+            assert attached == _attach_uncovered_any_order(text, offsets), (name, text)
+            assert _attach_uncovered(text, offsets[::-1]) == attached[::-1], (name, text)

@@ -165,30 +165,68 @@ def check_unicode(text: str, what: str = "text") -> None:
 
 
 def _attach_uncovered(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Rule 3: each uncovered non-whitespace character joins the token(s) ending right before it."""
-    n = len(text)
-    if not offsets or n == 0:
-        return offsets
-    array = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    depth = np.zeros(n + 1, dtype=np.int64)
-    np.add.at(depth, np.minimum(array[:, 0], n), 1)
-    np.add.at(depth, np.minimum(array[:, 1], n), -1)
-    uncovered = np.flatnonzero(np.cumsum(depth[:n]) == 0)
-    if len(uncovered) == 0:
-        return offsets
-    ends = array[:, 1].copy()
-    nonempty = array[:, 1] > array[:, 0]
-    changed = False
-    for p in uncovered.tolist():
-        if p == 0 or text[p].isspace():
+    """Rule 3: each uncovered non-whitespace character joins the token(s) ending right before it.
+
+    Tokens in text order (the usual case): one sweep; the gap after the tokens that end at
+    the furthest position so far starts with the run of characters they take. Otherwise
+    `_attach_uncovered_any_order`.
+    """
+    moved = {}  # token -> its new end
+    reach, at_reach, last_start = 0, [], 0
+    for k, (s, e) in enumerate(offsets):
+        if e <= s:
             continue
-        before = np.flatnonzero(nonempty & (ends == p))  # tokens covering character p - 1 (end exactly p)
-        if len(before):
-            ends[before] = p + 1
-            changed = True
-    if not changed:
+        if s < last_start:
+            return _attach_uncovered_any_order(text, offsets)
+        last_start = s
+        if s > reach > 0:
+            run = _visible_run(text, reach, s)
+            if run:
+                moved.update((j, reach + run) for j in at_reach)
+        if e > reach:
+            reach, at_reach = e, [k]
+        elif e == reach:
+            at_reach.append(k)
+    if 0 < reach < len(text):
+        run = _visible_run(text, reach, len(text))
+        if run:
+            moved.update((j, reach + run) for j in at_reach)
+    if not moved:
         return offsets
-    return list(zip(array[:, 0].tolist(), ends.tolist()))
+    return [(s, moved.get(k, e)) for k, (s, e) in enumerate(offsets)]
+
+
+def _visible_run(text: str, start: int, stop: int) -> int:
+    """How many characters of `text[start:stop]` come before its first whitespace."""
+    gap = text[start:stop]
+    if gap.isspace():
+        return 0
+    for i, character in enumerate(gap):
+        if character.isspace():
+            return i
+    return len(gap)
+
+
+def _attach_uncovered_any_order(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`_attach_uncovered` for offsets out of text order: exact coverage per character."""
+    covered = bytearray(len(text))
+    for s, e in offsets:
+        covered[s:e] = b"\x01" * (e - s)
+    ending_at, moved = {}, {}  # end -> non-empty tokens ending there; token -> its new end
+    for k, (s, e) in enumerate(offsets):
+        if e > s:
+            ending_at.setdefault(e, []).append(k)
+    for p in range(1, len(text)):
+        if covered[p] or text[p].isspace() or not covered[p - 1]:
+            continue
+        before = ending_at.pop(p, None)  # the tokens covering character p - 1 that end exactly at p
+        if before:
+            ending_at.setdefault(p + 1, []).extend(before)
+            moved.update((k, p + 1) for k in before)
+            covered[p] = 1
+    if not moved:
+        return offsets
+    return [(s, moved.get(k, e)) for k, (s, e) in enumerate(offsets)]
 
 
 def chunk_alignment(text: str, teacher_tokenizer, student_tokenizer, *,
