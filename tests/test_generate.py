@@ -83,22 +83,21 @@ def test_ragged_rows_are_bit_identical_to_rows_alone(bd3lm):
         ids = torch.randint(0, MASK, (4, 16))
         block = torch.randint(0, V, (4, 4))
         batch_kv = BlockKVCache(2, 20)
-        batch_kv.writes = [(0, 4, 0)]
-        groups = [(0, 1, 4, 4, _block_causal(4, 4, "cpu")), (1, 3, 8, 8, _block_causal(8, 4, "cpu")),
-                  (3, 4, 16, 16, _block_causal(16, 4, "cpu"))]
+        batch_kv.writes = [(0, 4, 0, 0)]
+        groups = [(a, z, 0, n, 0, n, _block_causal(0, n, n, 4, "cpu")) for a, z, n in ((0, 1, 4), (1, 3, 8), (3, 4, 16))]
         prefill = _forward(bd3lm, ids, torch.arange(16)[None], groups, batch_kv)
-        batch_kv.writes = [(0, 1, 4), (1, 3, 8), (3, 4, 16)]
+        batch_kv.writes = [(0, 1, 0, 4), (1, 3, 0, 8), (3, 4, 0, 16)]
         positions = torch.tensor([[4], [8], [8], [16]]) + torch.arange(4)
-        decode = _forward(bd3lm, block, positions, [(0, 1, 4, 8, None), (1, 3, 4, 12, None), (3, 4, 4, 20, None)],
-                          batch_kv)
+        decode = _forward(bd3lm, block, positions, [(0, 1, 0, 4, 0, 8, None), (1, 3, 0, 4, 0, 12, None),
+                                                    (3, 4, 0, 4, 0, 20, None)], batch_kv)
         for row, n in enumerate(lengths):
             kv = BlockKVCache(2, n + 4)
-            kv.writes = [(0, 1, 0)]
+            kv.writes = [(0, 1, 0, 0)]
             alone = _forward(bd3lm, ids[row:row + 1, :n], torch.arange(n)[None],
-                             [(0, 1, n, n, _block_causal(n, 4, "cpu"))], kv)
+                             [(0, 1, 0, n, 0, n, _block_causal(0, n, n, 4, "cpu"))], kv)
             assert torch.equal(alone[0], prefill[row, :n])
-            kv.writes = [(0, 1, n)]
-            alone = _forward(bd3lm, block[row:row + 1], positions[row:row + 1], [(0, 1, 4, n + 4, None)], kv)
+            kv.writes = [(0, 1, 0, n)]
+            alone = _forward(bd3lm, block[row:row + 1], positions[row:row + 1], [(0, 1, 0, 4, 0, n + 4, None)], kv)
             assert torch.equal(alone[0], decode[row])
     finally:
         bd3lm.decoder.set_attn_implementation("sdpa")

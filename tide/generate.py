@@ -8,15 +8,15 @@
 
 BD3LM (block diffusion). The answer grows one block of `block_size` positions
 at a time, left to right. A block starts as the mask token wherever it is not
-prompt (a prompt that ends inside a block keeps its tokens there, fixed) and is
-revealed over denoising steps: at each step the model runs on the current
+prompt (a prompt that ends inside a block keeps its tokens there, fixed; in the
+last block, positions past `max_new_tokens` stay masked and are not written) and
+is revealed over denoising steps: at each step the model runs on the current
 block, which sees the clean earlier blocks and itself (SPEC.md: x_t -> x_0 of
 strictly earlier blocks, x_t -> x_t of the same block), and some masked
-positions are written. A finished block is run once more, clean, so that later
-blocks see its x_0 keys and values (x_0 -> x_0 block-causal). Nothing else of
-the training layout `[x_t, x_0]` is needed to sample: the sequence that a
-step runs is `[x_0 of the earlier blocks, x_t of the current block]` under a
-block-causal mask.
+positions are written. Later blocks see a finished block's clean x_0 keys and
+values (x_0 -> x_0 block-causal). Nothing else of the training layout
+`[x_t, x_0]` is needed to sample: a step runs `[x_0 of earlier blocks, x_t of the
+current block]` under a block-causal mask.
 
 MDLM: the whole answer (all masks) is appended to the prompt and every position
 sees every other; `block_size` there (default: the whole answer) reveals the
@@ -35,12 +35,14 @@ The mask token is never a candidate, so it is never emitted.
 
 Block KV cache (BD3LM, `cache=True`, the default). The keys and values of the
 clean blocks are computed once, into per-layer buffers `[b, h_kv, capacity, d]`
-allocated for the whole answer; a denoising step runs only the current block
-(queries: `block_size` positions per row) against them and writes the block's
-own keys and values into its slot in place, so the cache is never copied, cropped
-or concatenated; the clean run of a finished block writes that slot a last time.
-`cache=False` re-runs `[x_0 earlier blocks, x_t current block]` at every step: the
-same attention pattern, and the tests check that both give the same tokens.
+allocated for the whole answer, and written in place: the cache is never
+copied, cropped or concatenated. A denoising step runs the current block
+(queries: `block_size` positions per row) against them, writing the block's own
+keys and values into its slot; the first step of a block also runs the block
+finished just before, clean, whose keys and values thereby join the cache (and
+the first step of all runs the prompt's whole blocks): no call is spent on
+filling the cache. `cache=False` runs every clean block at every step: the same
+attention pattern, and the tests check that both give the same tokens.
 
 Ragged batches. Prompts of different lengths share a batch, right-padded: each row
 keeps its own positions 0, 1, ... (column = position), its own blocks, its own step
@@ -82,18 +84,20 @@ def ragged_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sca
     """A Hugging Face attention function: one SDPA call per group of rows of equal length.
 
     query `[b, h, T, d]`, key / value `[b, h_kv, S, d]` -> `[b, T, h, d]`. `kwargs["tide_groups"]`:
-    `(start, stop, q_len, k_len, mask)` per group of consecutive rows: their first `q_len` queries
-    attend to their first `k_len` keys under `mask` (`[1, 1, q_len, k_len]` bool, True = attend, or
-    None = all). Queries outside every group (padding) get zeros.
+    `(start, stop, q_from, q_len, k_from, k_len, mask)` per group of consecutive rows: their queries
+    `q_from : q_from + q_len` attend to their keys `k_from : k_from + k_len` under `mask`
+    (`[1, 1, q_len, k_len]` bool, True = attend; None = all). Queries outside every group (padding)
+    get zeros.
     """
     repeat = query.shape[1] // key.shape[1]
     out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
-    for start, stop, q_len, k_len, mask in kwargs["tide_groups"]:
-        k, v = key[start:stop, :, :k_len], value[start:stop, :, :k_len]
+    for start, stop, q_from, q_len, k_from, k_len, mask in kwargs["tide_groups"]:
+        k, v = key[start:stop, :, k_from:k_from + k_len], value[start:stop, :, k_from:k_from + k_len]
         if repeat > 1:
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        att = F.scaled_dot_product_attention(query[start:stop, :, :q_len], k, v, attn_mask=mask, scale=scaling)
-        out[start:stop, :q_len] = att.transpose(1, 2)
+        att = F.scaled_dot_product_attention(query[start:stop, :, q_from:q_from + q_len], k, v, attn_mask=mask,
+                                             scale=scaling)
+        out[start:stop, q_from:q_from + q_len] = att.transpose(1, 2)
     return out, None
 
 
@@ -102,11 +106,13 @@ def _register_attention() -> None:
     AttentionInterface.register(RAGGED_ATTENTION, ragged_sdpa)
 
 
-@functools.lru_cache(maxsize=64)
-def _block_causal(length: int, block: int, device: str) -> torch.Tensor:
-    """`[1, 1, L, L]` bool: block of the key <= block of the query."""
-    blocks = torch.arange(length, device=device) // block
-    return (blocks[None, :] <= blocks[:, None])[None, None]
+@functools.lru_cache(maxsize=256)
+def _block_causal(q_start: int, q_len: int, k_len: int, block: int, device: str) -> torch.Tensor | None:
+    """`[1, 1, q_len, k_len]` bool for queries at positions `q_start..` and keys at `0..k_len-1`: the
+    key's block <= the query's block. None when every query sees every key."""
+    q_blocks = torch.arange(q_start, q_start + q_len, device=device) // block
+    allowed = (torch.arange(k_len, device=device) // block)[None, :] <= q_blocks[:, None]
+    return None if bool(allowed.all()) else allowed[None, None]
 
 
 def _runs(values: list) -> list[tuple[int, int, object]]:
@@ -124,25 +130,27 @@ class BlockKVCache:
     """Keys and values of the clean blocks, `[b, h_kv, capacity, d]` per layer, written in place.
 
     Before each forward, `writes` says where each group of rows puts the keys and values of the
-    positions it runs: `(start, stop, offset)`. `update` (called by every attention layer) copies
-    them into the buffers and hands back the whole buffers; `ragged_sdpa` reads the first `k_len`
-    entries of each group. Nothing is ever concatenated or cropped; `keep(rows)` drops finished rows.
+    positions it runs: `(start, stop, q_from, offset)`: its queries `q_from:` go to `offset:`.
+    `update` (called by every attention layer) copies them into the buffers and hands back the
+    whole buffers; `ragged_sdpa` reads each group's first `k_len` entries. Nothing is ever
+    concatenated or cropped; `keep(rows)` drops finished rows.
     """
 
     def __init__(self, num_layers: int, capacity: int):
         self.keys, self.values = [None] * num_layers, [None] * num_layers
         self.capacity = capacity
-        self.writes: list[tuple[int, int, int]] = []
+        self.writes: list[tuple[int, int, int, int]] = []
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys[layer_idx] is None:  # zeros: never-written entries are finite (and never read)
             b, h, _, d = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(b, h, self.capacity, d)
             self.values[layer_idx] = value_states.new_zeros(b, h, self.capacity, d)
-        keys, values, length = self.keys[layer_idx], self.values[layer_idx], key_states.shape[2]
-        for start, stop, offset in self.writes:
-            keys[start:stop, :, offset:offset + length] = key_states[start:stop]
-            values[start:stop, :, offset:offset + length] = value_states[start:stop]
+        keys, values, width = self.keys[layer_idx], self.values[layer_idx], key_states.shape[2]
+        for start, stop, q_from, offset in self.writes:
+            end = offset + width - q_from
+            keys[start:stop, :, offset:end] = key_states[start:stop, :, q_from:]
+            values[start:stop, :, offset:end] = value_states[start:stop, :, q_from:]
         return keys, values
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -221,6 +229,12 @@ def _quota(remaining, n_steps, step):
 
 # --------------------------------------------------------------------------- the samplers
 def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generators):
+    """Each forward runs, per row, `[clean blocks not yet in the cache, the current block]` under the
+    block-causal mask: with the cache that is the prompt's whole blocks at the first step, the block
+    finished just before at the first step of each later block (its clean keys and values join the
+    cache in the same call), and the current block alone otherwise; without the cache it is every
+    clean block, at every step. Rows are left-aligned on the current block: it is the last `block`
+    columns of every row."""
     device, mask_id = model.lm_head_weight.device, model.mask_token_id
     b = len(prompts)
     n_blocks = [-(-(len(p) + n_new) // block) for p in prompts]     # blocks of each row at the end
@@ -228,45 +242,51 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
     for row, prompt in enumerate(prompts):
         seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
     current = [len(p) // block for p in prompts]                   # the block each row is writing
+    cached = [0] * b                                               # positions in the KV cache per row
     rows = list(range(b))                                          # batch slot -> prompt index
     out = [[] for _ in prompts]
     offsets = torch.arange(block, device=device)
     kv = BlockKVCache(model.config.num_hidden_layers, seq.shape[1]) if use_cache else None
-    if use_cache and max(current) > 0:                             # the prompt's whole blocks, clean
-        groups = [(a, z, n * block, n * block, _block_causal(n * block, block, str(device)))
-                  for a, z, n in _runs(current) if n > 0]
-        kv.writes = [(0, b, 0)]
-        width = max(current) * block
-        _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups, kv)
+
+    def run(cur):
+        """The hidden states `[b, block, d]` of the current blocks `cur` `[b, block]`."""
+        starts = [j * block for j in current]
+        firsts = [c for c in cached]                               # first position each row runs
+        width = max(s + block - f for s, f in zip(starts, firsts))
+        ids = torch.full((len(rows), width), mask_id, device=device)
+        positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        groups, writes = [], []
+        for a, z, (first, s) in _runs(list(zip(firsts, starts))):
+            n = s + block - first
+            ids[a:z, width - n:width - block] = seq[a:z, first:s]
+            positions[a:z, width - n:] = torch.arange(first, s + block, device=device)
+            mask = _block_causal(first, n, s + block, block, str(device))
+            groups.append((a, z, width - n, n, 0 if use_cache else width - n, s + block, mask))
+            writes.append((a, z, width - n, first))
+        ids[:, width - block:] = cur
+        if use_cache:
+            kv.writes = writes
+        hidden = _forward(model, ids, positions, groups, kv)
+        if use_cache:
+            cached[:] = starts                                     # the clean blocks are in; the current one is not
+        return hidden[:, width - block:]
 
     while rows:
         starts = [j * block for j in current]
         index = torch.tensor(starts, device=device)[:, None] + offsets   # [b, block] positions of the block
         cur = seq.gather(1, index)
-        runs = _runs(starts)
-
-        def run_block(cur):
-            if use_cache:
-                kv.writes = [(a, z, s) for a, z, s in runs]
-                return _forward(model, cur, index, [(a, z, block, s + block, None) for a, z, s in runs], kv)
-            seq.scatter_(1, index, cur)
-            width = max(starts) + block
-            groups = [(a, z, s + block, s + block, _block_causal(s + block, block, str(device))) for a, z, s in runs]
-            hidden = _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups)
-            return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-
-        open_ = cur == mask_id
+        ends = torch.tensor([len(prompts[row]) + n_new for row in rows], device=device)
+        wanted = index < ends[:, None]                             # past the answer: stays masked, unwritten
+        open_ = (cur == mask_id) & wanted
         n_steps = open_.sum(1) if steps is None else open_.sum(1).clamp(max=steps)
         step = torch.zeros_like(n_steps)
         while True:
             remaining = open_.sum(1)
             if not bool(remaining.any()):
                 break
-            reveal(run_block(cur), cur, open_, _quota(remaining, n_steps, step), generators)
+            reveal(run(cur), cur, open_, _quota(remaining, n_steps, step), generators)
             step += remaining > 0
-            open_ = cur == mask_id
-        if use_cache:
-            run_block(cur)                                         # the finished block's clean keys/values
+            open_ = (cur == mask_id) & wanted
         seq.scatter_(1, index, cur)
         keep = []
         for slot, (row, values) in enumerate(zip(rows, cur.tolist())):
@@ -276,7 +296,7 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
             if current[slot] < n_blocks[row] and not stopped:
                 keep.append(slot)
         if len(keep) < len(rows):                                  # finished rows leave the batch
-            rows, current = [rows[s] for s in keep], [current[s] for s in keep]
+            rows, current, cached = [rows[s] for s in keep], [current[s] for s in keep], [cached[s] for s in keep]
             generators = [generators[s] for s in keep] if generators else None
             index_keep = torch.tensor(keep, device=device, dtype=torch.long)
             seq = seq[index_keep]
@@ -299,7 +319,7 @@ def _mdlm(model, prompts, n_new, block, steps, reveal, eos, generators):
         if not rows:
             break
         lengths = [len(prompts[row]) + n_new for row in rows]
-        groups = [(a, z, n, n, None) for a, z, n in _runs(lengths)]
+        groups = [(a, z, 0, n, 0, n, None) for a, z, n in _runs(lengths)]
         width = seq.shape[1]                                        # the cut last block's window fits
         index = torch.tensor([len(prompts[row]) + j * block for row in rows], device=device)[:, None] + offsets
         in_answer = offsets < n_new - j * block                     # the last block may be cut
