@@ -74,3 +74,13 @@ def test_gpu_check_dry_run_passes_on_cpu():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "0 failures" in result.stdout
+
+
+def test_sampling_benchmark_runs(tmp_path):
+    """`python -m benchmarks.sampling --quick`: a tiny random BD3LM, 32 tokens, batch 1 and 8."""
+    from benchmarks import sampling
+    report = sampling.main(["--quick", "--threshold", "0.5", "--out", str(tmp_path)])
+    assert [r["cache"] for r in report["cache"]] == ["on", "off", "on", "off"]
+    assert all(r["same_tokens"] for r in report["cache"][::2]) and report["batch_invariant"]
+    assert {r["decoding"] for r in report["decoding_random"]} == {"one token per step", "threshold 0.5"}
+    assert "Block KV cache vs none" in sampling.markdown(report)

@@ -208,6 +208,27 @@ def test_cli_prompts_file_and_batches(checkpoint, tmp_path, capsys):
                  "--max-new-tokens", "8", "--device", "cpu"])[0] is not None
 
 
+def test_cli_chat_wraps_prompts_in_the_chat_template(checkpoint, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+    with pytest.raises(SystemExit):                             # the demo tokenizer has no chat template
+        main(["--checkpoint", checkpoint, "--prompt", "hi", "--chat", "--device", "cpu"])
+    assert "chat template" in capsys.readouterr().err
+    chat = tmp_path / "chat_ckpt"
+    shutil.copytree(checkpoint, chat)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(chat)
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "yo"}]}) + "\n")
+    main(["--checkpoint", str(chat), "--prompt", "hi", "--chat", "--prompts-file", str(tmp_path / "chat.jsonl"),
+          "--max-new-tokens", "4", "--device", "cpu", "--jsonl"])
+    prompts = [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()]
+    assert prompts == ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                       "<|im_start|>user\nyo<|im_end|>\n<|im_start|>assistant\n"]
+
+
 @pytest.mark.parametrize("flags,option", [
     (["--max-new-tokens", "-3"], "--max-new-tokens"), (["--steps", "-1"], "--steps"),
     (["--temperature", "1e-40"], "--temperature"), (["--temperature", "inf"], "--temperature"),
