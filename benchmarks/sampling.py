@@ -17,7 +17,7 @@ token per step, batch 1 and 8, and the per-call overhead on a small trained stud
    of 256 tokens at batch 1, and the per-call overhead: ms per model call inside `generate` vs
    a bare forward of the decoder on the same current-block shape.
 
-Timings: the host clock (CUDA synchronised), the median of `--repeats` runs after one warm-up,
+Timings: the host clock (CUDA synchronised), the median of `--repeats` runs after a one-block warm-up,
 `torch.set_num_threads(--threads)`. Results: benchmarks/results/sampling_<device>.{json,md} (`--name`).
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ class CallCounter:
         self.calls += 1
 
 
-def timed(fn, device, repeats: int):
-    """(result of the last run, median seconds) after one warm-up run."""
-    result = fn()
+def timed(fn, device, repeats: int, warmup=None):
+    """(result of the last run, median seconds) after one run of `warmup` (default: `fn`)."""
+    result = (warmup or fn)()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -86,9 +86,10 @@ def timed(fn, device, repeats: int):
 
 def measure(model, prompts, counter, device, repeats, **options):
     new_tokens = options["max_new_tokens"]
+    generate(model, prompts, **{**options, "max_new_tokens": min(new_tokens, model.block_size)})  # warm-up
     before = counter.calls
-    out, seconds = timed(lambda: generate(model, prompts, **options), device, repeats)
-    calls = (counter.calls - before) // (repeats + 1)
+    out, seconds = timed(lambda: generate(model, prompts, **options), device, repeats, warmup=lambda: None)
+    calls = (counter.calls - before) // repeats                    # model calls of one run (deterministic)
     tokens = sum(len(o) for o in out)
     assert tokens == len(prompts) * new_tokens, "no EOS here: every row writes max_new_tokens"
     return out, {"batch": len(prompts), "seconds": seconds, "tokens_per_s": tokens / seconds, "calls": calls,
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", default=None, help="a trained tide BD3LM (part 2), e.g. the demo's student")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="steps per block for the cache vs no-cache rows")
-    parser.add_argument("--threshold", type=float, nargs="+", default=[0.9, 0.7])
+    parser.add_argument("--threshold", type=float, nargs="+", default=[0.9])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
