@@ -17,8 +17,9 @@ token per step, batch 1 and 8, and the per-call overhead on a small trained stud
    of 256 tokens at batch 1, and the per-call overhead: ms per model call inside `generate` vs
    a bare forward of the decoder on the same current-block shape.
 
-Timings: the host clock (CUDA synchronised), the median of `--repeats` runs after a one-block warm-up,
-`torch.set_num_threads(--threads)`. Results: benchmarks/results/sampling_<device>.{json,md} (`--name`).
+Timings: the median of `--repeats` runs after a one-block warm-up, `torch.set_num_threads(--threads)`;
+on CPU the CPU seconds of this process (`time.process_time`: on a shared, oversubscribed machine the wall
+clock also counts waiting for a core; both are in the JSON), on CUDA the synchronised wall clock. Results: benchmarks/results/sampling_<device>.{json,md} (`--name`).
 """
 from __future__ import annotations
 
@@ -72,28 +73,32 @@ class CallCounter:
 
 
 def timed(fn, device, repeats: int, warmup=None):
-    """(result of the last run, median seconds) after one run of `warmup` (default: `fn`)."""
+    """(result of the last run, median wall seconds, median CPU seconds of this process) after one run
+    of `warmup` (default: `fn`). On a shared, oversubscribed CPU the process's CPU time is the steadier
+    measure of the work (wall time also counts the waits for a core); on CUDA read the wall time."""
     result = (warmup or fn)()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         result = fn()
         sync(device)
-        times.append(time.perf_counter() - start)
-    return result, statistics.median(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return result, statistics.median(walls), statistics.median(cpus)
 
 
 def measure(model, prompts, counter, device, repeats, **options):
     new_tokens = options["max_new_tokens"]
     generate(model, prompts, **{**options, "max_new_tokens": min(new_tokens, model.block_size)})  # warm-up
     before = counter.calls
-    out, seconds = timed(lambda: generate(model, prompts, **options), device, repeats, warmup=lambda: None)
+    out, wall, cpu = timed(lambda: generate(model, prompts, **options), device, repeats, warmup=lambda: None)
     calls = (counter.calls - before) // repeats                    # model calls of one run (deterministic)
     tokens = sum(len(o) for o in out)
     assert tokens == len(prompts) * new_tokens, "no EOS here: every row writes max_new_tokens"
-    return out, {"batch": len(prompts), "seconds": seconds, "tokens_per_s": tokens / seconds, "calls": calls,
-                 "ms_per_call": 1e3 * seconds / calls}
+    seconds = cpu if device.type == "cpu" else wall
+    return out, {"batch": len(prompts), "seconds": seconds, "wall_seconds": wall, "cpu_seconds": cpu,
+                 "tokens_per_s": tokens / seconds, "calls": calls, "ms_per_call": 1e3 * seconds / calls}
 
 
 def match(out, reference) -> dict:
@@ -123,8 +128,9 @@ def overhead_row(model, prompts, counter, device, args, label) -> dict:
     ids = torch.randint(0, model.mask_token_id, (len(prompts), block), device=device)
     positions = torch.arange(block, device=device)[None]
     with torch.no_grad():
-        _, bare = timed(lambda: model.backbone(input_ids=ids, position_ids=positions, use_cache=False), device,
-                        max(20, args.repeats))
+        _, wall, cpu = timed(lambda: model.backbone(input_ids=ids, position_ids=positions, use_cache=False), device,
+                             max(20, args.repeats))
+    bare = cpu if device.type == "cpu" else wall
     _, row = measure(model, prompts, counter, device, args.repeats, max_new_tokens=args.new_tokens)
     return {"model": label, "batch": len(prompts), "generate_ms_per_call": row["ms_per_call"],
             "bare_forward_ms": 1e3 * bare, "seconds_for_new_tokens": row["seconds"], "calls": row["calls"]}
@@ -134,7 +140,8 @@ def markdown(report) -> str:
     env = report["environment"]
     lines = [f"`{report['command']}` ({env['date']}, {env['machine']}, {env['cpus']} cores, torch {env['torch']}, "
              f"{env['threads']} thread(s), load average {env['load_before']} before / {env['load_after']} after: "
-             "a shared machine, other jobs running; ratios within this run are what to read)", ""]
+             "a shared machine, other jobs running; " + ("times are this process's CPU seconds, steadier than the "
+             "wall clock there" if env["device"] == "cpu" else "wall-clock times") + ")", ""]
     cache = report["cache"]
     if cache:
         lines += [f"**Block KV cache vs none** ({cache[0]['model']}, {report['new_tokens']} new tokens, "
