@@ -408,10 +408,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         seeded `seed + i` for prompt i (or `seed[i]` when `seed` is a list).
     cache: BD3LM block KV cache (MDLM has none: every position sees every other).
     """
-    from tide.models import DiffusionLM
+    from tide.models import BD3LM, MDLM
 
-    if not isinstance(model, DiffusionLM) or model.kind not in ("bd3lm", "mdlm"):
-        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models), got {type(model).__name__}")
+    if not isinstance(model, (BD3LM, MDLM)):  # custom-code teachers run their own attention code
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models.build_model / load_model over a "
+                        f"Hugging Face decoder), got {type(model).__name__}")
     check_options(max_new_tokens, block_size, steps, strategy, threshold, temperature, top_k, top_p)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or torch.is_tensor(prompts):
         raise TypeError(f"prompts must be a list of prompts, each a list of token ids; got {type(prompts).__name__}")
