@@ -157,3 +157,35 @@ def test_segment_sums_do_not_build_dense_alignment(monkeypatch):
                                                   temperature=2.0, reduction="mean")
         loss.backward()
     assert mode.largest_numel <= max(num_chunks, 300)
+
+
+@pytest.mark.parametrize("variant", ["reverse_calm", "forward_calm", "reverse_calm_weighted_sum", "calm_tidal",
+                                     "reverse_calm_tidal"])
+@pytest.mark.parametrize("impl", IMPLS_CPU)
+def test_calm_from_logprobs_equals_calm_loss(variant, impl):
+    """The trainer's one pass: token log-probabilities computed once (for CE) feed the chunk objective."""
+    data = make_chunks(seed=5)
+    options = dict(variants(15, seed=5).get(variant, {}))
+    if variant == "reverse_calm_tidal":
+        options = dict(reverse=True, lam=variants(15, seed=5)["calm_tidal"]["lam"])
+    expected = run(impl, data, num_chunks=15, **options)
+    student_hidden = data["student_hidden"].clone().requires_grad_(True)
+    student_weight = data["student_weight"].clone().requires_grad_(True)
+    student_logprobs = tide.token_logprobs(student_hidden, student_weight, data["student_targets"], impl=impl)
+    teacher_logprobs = tide.token_logprobs(data["teacher_hidden"], data["teacher_weight"], data["teacher_targets"],
+                                           impl=impl)
+    loss = tide.calm_from_logprobs(student_logprobs, data["student_chunk"], teacher_logprobs, data["teacher_chunk"],
+                                   num_chunks=15, impl=impl, **options)
+    (loss * 1.7).backward()
+    for got, want in zip((loss.detach(), student_hidden.grad, student_weight.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_calm_from_logprobs_bad_input_names_the_argument():
+    logprobs, chunk = torch.randn(5, dtype=torch.float64), torch.tensor([0, 0, 1, 2, 2])
+    with pytest.raises(ValueError, match="student_logprobs must be a 1-D float tensor"):
+        tide.calm_from_logprobs(logprobs[:, None], chunk, logprobs, chunk, num_chunks=3)
+    with pytest.raises(ValueError, match="teacher_chunk"):
+        tide.calm_from_logprobs(logprobs, chunk, logprobs, chunk + 5, num_chunks=3)
+    with pytest.raises(ValueError, match="num_chunks"):
+        tide.calm_from_logprobs(logprobs, chunk, logprobs, chunk, num_chunks=-1)

@@ -503,10 +503,7 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
         _check_ids(f"{side}_chunk", chunk_rows, chunk_rows.shape, num_chunks, device=device,
                    lead_name=f"{side}_hidden")
         sides.append((rows, chunk_rows))
-    if lam is not None:
-        _check_rows("lam", lam, (num_chunks,), low=0.0, high=1.0, device=device, lead_name="num_chunks")
-    if weight is not None:
-        _check_rows("weight", weight, (num_chunks,), device=device, lead_name="num_chunks")
+    _check_chunk_weights(lam, weight, num_chunks, device)
     impl = _resolve_impl(impl, device, allowed=("auto", "triton", "chunked", "reference"))
     (student_rows, student_chunk), (teacher_rows, teacher_chunk) = sides
     softcaps = (_check_softcap("student_softcap", student_softcap), _check_softcap("teacher_softcap", teacher_softcap))
@@ -517,6 +514,53 @@ def calm_loss(student_hidden, student_weight, student_targets, student_chunk,
         teacher_logprobs = _token_logprobs(teacher_rows.gather(teacher_hidden), teacher_weight,
                                            teacher_rows.gather(teacher_targets).long(), teacher_bias,
                                            softcaps[1], impl)
+    return _calm_from_logprobs(student_logprobs, student_chunk, teacher_logprobs, teacher_chunk, num_chunks=num_chunks,
+                               reverse=reverse, temperature=temperature, lam=lam, weight=weight,
+                               reduction=reduction, impl=impl)
+
+
+def _check_chunk_weights(lam, weight, num_chunks, device):
+    if lam is not None:
+        _check_rows("lam", lam, (num_chunks,), low=0.0, high=1.0, device=device, lead_name="num_chunks")
+    if weight is not None:
+        _check_rows("weight", weight, (num_chunks,), device=device, lead_name="num_chunks")
+
+
+def calm_from_logprobs(student_logprobs, student_chunk, teacher_logprobs, teacher_chunk, *, num_chunks,
+                       reverse=True, temperature=2.0, lam=None, weight=None, reduction="mean",
+                       impl="auto") -> torch.Tensor:
+    """`calm_loss` from per-row token log-probabilities instead of hidden states.
+
+    For a training step that already has the student's token log-probabilities (for its CE
+    term, say): one pass over the vocabulary then serves both. student_logprobs `[N_s]`
+    (differentiable: `token_logprobs` of the student's rows), student_chunk `[N_s]` (chunk
+    ids in [0, num_chunks)); teacher_logprobs `[N_t]` (no gradient is passed to it) and
+    teacher_chunk `[N_t]`. Options and return value as in `calm_loss`.
+    """
+    _check_int("num_chunks", num_chunks, low=0)
+    _check_calm_options(reverse, temperature, reduction, impl, None, None, None)
+    device = student_logprobs.device if isinstance(student_logprobs, torch.Tensor) else None
+    for side, logprobs, chunk in (("student", student_logprobs, student_chunk),
+                                  ("teacher", teacher_logprobs, teacher_chunk)):
+        _check_tensor(f"{side}_logprobs", logprobs, f"[N_{side[0]}]")
+        if logprobs.dim() != 1 or not logprobs.is_floating_point():
+            raise ValueError(f"{side}_logprobs must be a 1-D float tensor [N_{side[0]}] of per-row token "
+                             f"log-probabilities, got {tuple(logprobs.shape)} {logprobs.dtype}")
+        if logprobs.device != device:
+            raise ValueError(f"{side}_logprobs must be on {device} like student_logprobs, got {logprobs.device}")
+        _check_ids(f"{side}_chunk", chunk, tuple(logprobs.shape), num_chunks, device=device,
+                   lead_name=f"{side}_logprobs")
+    _check_chunk_weights(lam, weight, num_chunks, device)
+    impl = _resolve_impl(impl, device, allowed=("auto", "triton", "chunked", "reference"))
+    return _calm_from_logprobs(student_logprobs, student_chunk, teacher_logprobs.detach(), teacher_chunk,
+                               num_chunks=num_chunks, reverse=bool(reverse), temperature=temperature, lam=lam,
+                               weight=weight, reduction=reduction, impl=impl)
+
+
+def _calm_from_logprobs(student_logprobs, student_chunk, teacher_logprobs, teacher_chunk, *, num_chunks, reverse,
+                        temperature, lam, weight, reduction, impl):
+    """The chunk objective on checked per-row log-likelihoods (impl resolved)."""
+    device = student_logprobs.device
     if lam is not None and reverse:  # Reverse CALM + TIDAL = Reverse CALM against the mixed target m
         teacher_logprobs, teacher_chunk = _mixed_chunk_target(student_logprobs, student_chunk, teacher_logprobs,
                                                               teacher_chunk, num_chunks, float(temperature), lam)

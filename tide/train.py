@@ -120,8 +120,12 @@ class StudentLoss(nn.Module):
         common = dict(temperature=cfg.temperature, impl=cfg.impl)
 
         if cfg.method != "ce" and cfg.pipeline == "shared":  # token-level, CE in the same vocabulary pass
-            # the fused losses divide both terms by the row count N ("mean"): ce_weight = N * ce_row undoes it
-            fused = dict(targets=targets, ce_weight=ce_row * n_rows, shared_vocab=self.shared_vocab, **common)
+            # The fused losses divide both terms by the row count N ("mean"): ce_weight = N * ce_row undoes
+            # it. The --ce-weight / --distill-weight ratio rides in ce_weight too, so both outputs get the
+            # same upstream gradient: the chunked path then contracts one logit gradient for both.
+            ratio = cfg.ce_weight / cfg.distill_weight if cfg.ce_weight and cfg.distill_weight else 1.0
+            fused = dict(targets=targets, ce_weight=ce_row * n_rows * ratio, shared_vocab=self.shared_vocab,
+                         **common)
             t_rows = t_hidden[masked]
             if cfg.method == "tidal":
                 distill, ce = losses.tidal_loss(h_rows, weight, t_rows, t_weight, row_ratio, progress,
@@ -129,15 +133,16 @@ class StudentLoss(nn.Module):
             else:
                 distill, ce = losses.kl_loss(h_rows, weight, t_rows, t_weight, reverse=cfg.method == "reverse_kl",
                                              **fused)
+            ce = ce / ratio
         else:  # CE alone, or next to a loss on other rows (aligned pairs, chunks)
-            logp = losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)
+            logp = losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)  # [N], also CALM's input
             ce = -(ce_row * logp).sum()
             if cfg.method == "ce":
                 distill = torch.zeros_like(ce)
             elif cfg.pipeline == "aligned":
                 distill = self.pair_loss(hidden, weight, t_hidden, t_weight, noise, progress, common)
             else:
-                distill = self.chunk_loss(hidden, weight, t_hidden, t_weight, batch, noise, progress)
+                distill = self.chunk_loss(logp, t_hidden, t_weight, batch, noise, progress)
         loss = cfg.ce_weight * ce + cfg.distill_weight * distill
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "distill": distill.detach()}
 
@@ -157,22 +162,26 @@ class StudentLoss(nn.Module):
         return losses.kl_loss(s_h, weight, t_h, t_weight, reverse=self.cfg.method == "reverse_kl",
                               shared_vocab=self.shared_vocab, **common).distill
 
-    def chunk_loss(self, hidden, weight, t_hidden, t_weight, batch, noise, progress):
+    def chunk_loss(self, logp, t_hidden, t_weight, batch, noise, progress):
         """Cross-tokenizer pipeline: (Reverse) CALM / (Reverse) CALM+TIDAL on chunk log-likelihoods,
-        at --calm-temperature."""
+        at --calm-temperature. logp `[N]`: the student's token log-probabilities at the masked
+        positions (the CE term's, so one pass over the vocabulary serves both)."""
         cfg = self.cfg
         s_chunk, t_chunk, num_chunks = batch["student_chunk_ids"], batch["teacher_chunk_ids"], batch["num_chunks"]
-        s_rows = noise["masked"] & (s_chunk >= 0)
+        s_chunk = s_chunk[noise["masked"]]                                  # [N], -1: in no chunk
+        in_chunk = s_chunk >= 0
         t_rows = noise["teacher_masked"]
+        with torch.no_grad():
+            t_logp = losses.token_logprobs(t_hidden[t_rows], t_weight, batch["teacher_input_ids"][t_rows],
+                                           impl=cfg.impl)
         lam = weight_c = None
         if cfg.method in TIDAL_METHODS:  # per-chunk lambda_b and w_b from the mask ratio of the chunk's sequence
             t_c = noise["mask_ratio"][batch["chunk_batch_index"]]
             lam = schedules.row_lambda(t_c, progress, cfg.lambda_init, cfg.lambda_max, cfg.lambda_schedule,
                                        cfg.lambda_axis)
             weight_c = schedules.timestep_weight(t_c, cfg.timestep_weight)
-        return losses.calm_loss(
-            hidden[s_rows], weight, batch["student_input_ids"][s_rows], s_chunk[s_rows],
-            t_hidden[t_rows], t_weight, batch["teacher_input_ids"][t_rows], t_chunk[t_rows],
+        return losses.calm_from_logprobs(
+            logp[in_chunk], s_chunk[in_chunk], t_logp, t_chunk[t_rows],
             num_chunks=num_chunks, reverse=cfg.method in ("reverse_calm", "reverse_calm_tidal"), lam=lam,
             weight=weight_c, temperature=cfg.calm_temperature, impl=cfg.impl)
 
