@@ -30,12 +30,16 @@ setup(
         "datasets>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.2"],
+        "test": ["pytest>=8", "triton>=3.2", "tensorboard"],
         "gpu": ["flash-attn"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # the peers benchmarks/run.py compares against, when they install (never a dependency)
         "peers": ["liger-kernel", "cut-cross-entropy"],
         "eval": ["lm-eval>=0.4.13"],    # the lm-evaluation-harness model `tide` (tide.harness)
+        # experiment trackers for `tide.train --report-to` (imported only when chosen)
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "trackio": ["trackio"],
     },
     # lm-eval has no plugin entry points: this is its command line with the model `tide` registered
     entry_points={"console_scripts": ["tide-lm-eval = tide.harness:main"]},

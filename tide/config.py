@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from tide.tracking import REPORT_TO, missing_library
+
 METHODS = ("ce", "kl", "reverse_kl", "tidal", "calm", "reverse_calm", "calm_tidal", "reverse_calm_tidal")
 TOKEN_METHODS = ("kl", "reverse_kl", "tidal")          # token-level, need one vocabulary
 CHUNK_METHODS = ("calm", "reverse_calm", "calm_tidal", "reverse_calm_tidal")  # chunk-level, cross-tokenizer
@@ -47,7 +49,8 @@ class Config:
     log_interval: int = 10                # steps between metrics.jsonl lines
     save_interval: int = 500              # steps between checkpoints (and one at the end)
     keep_last: int = 2                    # newest checkpoints kept on disk (0 keeps all)
-    progress_bar: bool = True             # tqdm bar with loss and tokens/s
+    progress_bar: bool = True             # tqdm bar: loss, ce, distill, lambda, lr, real tokens/s
+    report_to: str = "none"               # experiment tracker: none | tensorboard | wandb | trackio
 
     # --- method (SPEC.md)
     method: str = "tidal"                 # ce | kl | reverse_kl | tidal | calm | reverse_calm | calm_tidal | reverse_calm_tidal
@@ -272,6 +275,9 @@ def check(cfg: Config) -> None:
         fail(f"--device must be auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
     choice("dtype", ("bf16", "fp32"))
     choice("parallel", ("ddp", "fsdp"))
+    choice("report_to", REPORT_TO)
+    if missing_library(cfg.report_to):
+        fail(missing_library(cfg.report_to))
 
     # --- method
     choice("method", METHODS)

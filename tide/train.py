@@ -1,6 +1,6 @@
 """The TIDE distillation trainer: a BD3LM student learns from a frozen diffusion teacher.
 
-    python -m tide.train                                   # built-in CPU demo, no download
+    python -m tide.train                                   # built-in CPU demo (tide.demo), no download
     python -m tide.train --config configs/shared_tidal.yaml --max-steps 500
     torchrun --nproc-per-node 8 -m tide.train --config ... --parallel fsdp
 
@@ -22,6 +22,7 @@ same batches and masks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from tide.compdemo import merge_teacher_hidden, teacher_inputs
 from tide.config import CHUNK_METHODS, TIDAL_METHODS, Config, check, load_config
 from tide.generate import generate
 from tide.models import build_config, build_model, load_model, read_config
+from tide.tracking import Tracker
 
 MASK_TOKEN = "<|mask|>"
 
@@ -219,9 +221,6 @@ def learning_rate(step: int, cfg: Config) -> float:
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        from tide.demo import run_demo
-        return run_demo()
     cfg = load_config(argv)
     check(cfg)
 
@@ -321,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
         if master:
             print(f"resumed from {resume_from} at step {step}")
 
+    if master:
+        print_summary(cfg, student, teacher, dataset, world, device, resume_from, step)
+
     # ---- the loop
     os.makedirs(cfg.output_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -338,13 +340,16 @@ def main(argv: list[str] | None = None) -> dict:
         with open(metrics_path, "w") as fh:
             fh.writelines(kept)
     metrics = open(metrics_path, "a" if resume_from else "w") if master else None
-    bar = None
+    bar = tracker = None
     if master and cfg.progress_bar:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=step, desc=f"tide {cfg.method}", dynamic_ncols=True)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    if master and cfg.report_to != "none":
+        tracker = Tracker(cfg.report_to, cfg.output_dir, os.path.basename(os.path.abspath(cfg.output_dir)),
+                          dataclasses.asdict(cfg))
     history, eval_history, last_saved, postfix = [], [], None, {}
-    last_time, last_step = time.time(), step
+    start_time = last_time = time.time()
+    real_tokens = 0  # non-padding student tokens of this process since the last log line
     wrapped.train()
     while step < cfg.max_steps:
         lr = learning_rate(step, cfg)
@@ -355,6 +360,8 @@ def main(argv: list[str] | None = None) -> dict:
         for micro in range(cfg.grad_accum):
             index = step * cfg.grad_accum + micro          # global micro-batch index (data + masks)
             batch = micro_batch(index)
+            mask = batch.get("student_attention_mask")  # absent when the batch has no padding
+            real_tokens = real_tokens + (mask.sum() if mask is not None else batch["student_input_ids"].numel())
             gen = seeded_generator(cfg.seed, index * world + rank, device)
             noise = noise_batch(batch, cfg, gen)
             t_hidden = t_weight = None
@@ -377,22 +384,28 @@ def main(argv: list[str] | None = None) -> dict:
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps or step == 1:
             parts = torch.stack([parts_sum[k] for k in ("loss", "ce", "distill")]) / cfg.grad_accum
+            tokens = torch.as_tensor(real_tokens, dtype=torch.float64, device=parts.device)
             if distributed:
                 dist.all_reduce(parts)
                 parts /= world
+                dist.all_reduce(tokens)  # tokens/s of all processes together
             now = time.time()
-            record = {"step": step, "loss": parts[0].item(), "ce": parts[1].item(), "distill": parts[2].item(),
+            record = {"step": step, "time": round(now, 3), "elapsed_s": round(now - start_time, 3),
+                      "loss": parts[0].item(), "ce": parts[1].item(), "distill": parts[2].item(),
                       "lr": lr, "lambda": schedules.lambda_train(progress, cfg.lambda_init, cfg.lambda_max,
                                                                   cfg.lambda_schedule) if cfg.method in TIDAL_METHODS else None,
                       "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
                       if grad_norm is not None else None,
-                      "tokens_per_s": tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)}
-            last_time, last_step = now, step
+                      "tokens": int(tokens.item()),  # real (non-padding) student tokens since the last line
+                      "tokens_per_s": tokens.item() / max(now - last_time, 1e-9)}
+            last_time, real_tokens = now, 0
             history.append(record)
             if master:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                postfix.update(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if tracker is not None:
+                    tracker.log(record, step)
+                postfix.update(progress_fields(record))
         saving = step % cfg.save_interval == 0 or step == cfg.max_steps
         if held_out is not None and (step % (cfg.eval_interval or cfg.save_interval) == 0 or step == cfg.max_steps):
             record = held_out_record(student, held_out, tokenizers["student"], cfg, step)
@@ -400,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
             if master:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if tracker is not None:
+                    tracker.log(record, step)
                 postfix.update(bpb=f"{record['eval_bits_per_byte']:.3f}±{record['eval_bits_per_byte_se']:.3f}")
         if bar is not None:
             bar.set_postfix(postfix, refresh=False)
@@ -410,12 +425,51 @@ def main(argv: list[str] | None = None) -> dict:
             last_saved = checkpoint.save(cfg, step, wrapped, student, optimizer, tokenizers, fsdp, rank, extra)
     if bar is not None:
         bar.close()
+    if tracker is not None:
+        tracker.close()
     if metrics is not None:
         metrics.close()
     if distributed:
         dist.destroy_process_group()
     return {"history": history, "eval": eval_history, "checkpoint": last_saved or (checkpoint.checkpoints(cfg.output_dir) or [None])[-1],
             "metrics": metrics_path}
+
+
+# --------------------------------------------------------------------------- what the run says
+def progress_fields(record: dict) -> dict:
+    """The progress bar's postfix: the losses, lambda (TIDAL methods), lr and real tokens/s."""
+    fields = {"loss": f"{record['loss']:.3f}", "ce": f"{record['ce']:.3f}", "distill": f"{record['distill']:.4f}"}
+    if record.get("lambda") is not None:
+        fields["lambda"] = f"{record['lambda']:.2f}"
+    fields.update(lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    return fields
+
+
+def print_summary(cfg: Config, student, teacher, dataset, world: int, device, resume_from, step: int) -> None:
+    """What the run is about to do: models, method, data and devices, before the first step."""
+    def describe(model, role):
+        params = sum(p.numel() for p in model.parameters())
+        arch = type(model.decoder).__name__.removesuffix("ForCausalLM")
+        block = f", block {model.block_size}" if model.kind == "bd3lm" else ""
+        return (f"  {role:<8} {model.kind.upper()} ({arch}, {params / 1e6:.2f}M parameters, vocab {model.vocab_size}"
+                f"{block}){' frozen' if role == 'teacher' else ''}")
+
+    method = cfg.method + (f", CompDemo (demo ratio {cfg.demo_ratio})" if cfg.compdemo else "")
+    sample = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 64))][:64]
+    maskable = sum(sum(e.student_maskable) for e in sample) / max(1, sum(len(e.student_input_ids) for e in sample))
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
+    lines = [f"tide.train: --method {method} --pipeline {cfg.pipeline}, steps {step} -> {cfg.max_steps}"
+             + (f" (resumed from {resume_from})" if resume_from else ""),
+             describe(student, "student")]
+    if teacher is not None:
+        lines.append(describe(teacher, "teacher"))
+    lines += [f"  data     {cfg.data}: {len(dataset)} examples, {maskable:.0%} of their student tokens maskable "
+              f"(of {len(sample)} examples); {per_step} sequences x {cfg.seq_len} = {per_step * cfg.seq_len} "
+              f"student positions per step ({cfg.batch_size} x {cfg.grad_accum} accum x {world} process(es))",
+              f"  device   {device}{threads}, {'bf16 autocast' if device.type == 'cuda' and cfg.dtype == 'bf16' else 'fp32'}"
+              f"; output {cfg.output_dir} (metrics.jsonl{', ' + cfg.report_to if cfg.report_to != 'none' else ''})"]
+    print("\n".join(lines), flush=True)
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -624,4 +678,8 @@ def check_pair(cfg: Config, student, teacher, tokenizers) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 1:  # no arguments: the built-in CPU demo, which calls main(argv) itself
+        from tide.demo import main as demo_main
+        demo_main()
+    else:
+        main()
