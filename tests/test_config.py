@@ -94,6 +94,7 @@ BAD = [
     (["--save-interval", "0"], ["--save-interval", ">= 1"]),
     (["--keep-last", "-1"], ["--keep-last", "0 keeps all"]),
     (["--progress-bar", "false", "--compdemo"], ["--compdemo", "--method ce"]),
+    (["--report-to", "mlflow"], ["--report-to", "mlflow"]),
     (["--method", "distill"], ["--method"]),
     (["--pipeline", "mixed"], ["--pipeline"]),
     (["--demo-ratio", "1.0"], ["--demo-ratio"]),
