@@ -512,8 +512,12 @@ def verdict(rows: list[dict]) -> str:
               and r["vs_ce"]["delta"] < 0]
     worse = [r["method"] for r in rows if r.get("vs_ce", {}).get("n", 0) > 1 and r["vs_ce"]["p"] < 0.05
              and r["vs_ce"]["delta"] > 0]
+    tested = [r["vs_ce"]["n"] for r in rows if r.get("vs_ce", {}).get("n", 0) > 1]
     text = (f"fewer held-out bits/byte than ce at p < 0.05: {', '.join(better) or 'none'}; "
             f"more: {', '.join(worse) or 'none'}; the other differences are within the seed-to-seed spread.")
+    if tested:
+        text += (f" With {min(tested)} seeds (df = {min(tested) - 1}) and {len(tested)} comparisons at 0.05, about "
+                 f"{len(tested) / 20:.1f} would fall below it by chance alone.")
     return text
 
 
