@@ -1,8 +1,8 @@
 """tide-dllm: cross-architecture distillation of diffusion language models (TIDE).
 
-The repository folder `kernels/` is installed as the subpackage `tide.kernels`;
-no top-level module named `kernels` is ever installed (it would shadow Hugging
-Face's own `kernels` package, which transformers probes for).
+The Triton kernels live in `tide/kernels/` (the subpackage `tide.kernels`). No
+top-level module named `kernels` is installed or importable from a checkout: it
+would shadow Hugging Face's own `kernels` package, which transformers imports.
 """
 from setuptools import setup
 
@@ -16,7 +16,6 @@ setup(
     # `benchmarks/` is run from the repository root (`python -m benchmarks.run`), never
     # installed: a top-level module with such a generic name would shadow others.
     packages=["tide", "tide.models", "tide.kernels"],
-    package_dir={"tide": "tide", "tide.models": "tide/models", "tide.kernels": "kernels"},
     # torch is not pinned here: install the build that fits your machine first
     # (README). Nothing below is heavy.
     install_requires=[

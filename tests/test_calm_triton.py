@@ -1,4 +1,4 @@
-"""Triton CALM / Reverse CALM / CALM+TIDAL (kernels/calm.py) against tide.reference,
+"""Triton CALM / Reverse CALM / CALM+TIDAL (tide/kernels/calm.py) against tide.reference,
 and calm_loss(impl="triton") end to end (token log-probs + chunk losses).
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py before import)."""

@@ -54,3 +54,21 @@ def test_loss_example_runs_and_is_bidirectional():
             if hasattr(module, "is_causal"):
                 module.is_causal = True
         assert torch.allclose(causal(x_0).last_hidden_state[:, 0], causal(changed).last_hidden_state[:, 0])
+
+
+def test_repository_root_does_not_shadow_hugging_faces_kernels_package():
+    # transformers imports Hugging Face's `kernels` package (a dependency of transformers 5.x)
+    # while loading any model; a `kernels/` package at the repository root would be found first
+    # by `python -m tide.train` or `python -m pytest` run from the root, and every model import
+    # would fail. Run Python from the root, as the quick start does.
+    import subprocess
+    import sys
+
+    probe = ("import importlib.util, os, sys\n"
+             "spec = importlib.util.find_spec('kernels')\n"
+             "origin = (spec.origin or '') if spec else ''\n"
+             "assert not os.path.abspath(origin).startswith(os.path.join(os.getcwd(), 'kernels')), origin\n"
+             "import transformers.models.qwen3.modeling_qwen3\n"
+             "import tide.kernels.tidal\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Fused Triton token log-probabilities (kernels/token_logprob.py) against tide.reference.
+"""Fused Triton token log-probabilities (tide/kernels/token_logprob.py) against tide.reference.
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py before they are
 imported). float64: tight (relative 1e-9); float32: no worse than the eager float32
@@ -66,7 +66,7 @@ def test_float32_no_worse_than_eager():
 
 def test_bfloat16_inputs():
     # (was skipped without a GPU: the interpreter's tl.dot misread bf16 tiles, about -3e9 instead of
-    # -11.6; kernels/token_logprob.py now upcasts them under TRITON_INTERPRET=1 as kernels/tidal.py does)
+    # -11.6; tide/kernels/token_logprob.py now upcasts them under TRITON_INTERPRET=1 as tide/kernels/tidal.py does)
     hidden, weight, targets, grad = _inputs(24, 96, 32, torch.bfloat16, seed=2)
     fused, fh, fw = _run(lambda h, w, t: fused_token_logprobs(h, w, t, config=SMALL), hidden, weight, targets, grad)
     ref, rh, rw = _run(reference.token_logprobs, hidden, weight, targets, grad)

@@ -38,7 +38,7 @@ each BLOCK_D slice atomically add `da @ weight[v0:, d0:]` into d hidden and
 `da.T @ hidden[n0:, d0:]` into d weight (float32 / float64 buffers, cast to the
 input dtype at the end). Each product is skipped when its input does not require
 grad. No gradient filtering. Under TRITON_INTERPRET=1, bf16 tiles are upcast to
-float32 before tl.dot (the interpreter's dot misreads bf16, as in kernels/tidal.py).
+float32 before tl.dot (the interpreter's dot misreads bf16, as in tide/kernels/tidal.py).
 
 HBM traffic vs eager (bf16 inputs, N rows, V vocab, width d):
 - eager: writes and reads the `[N, V]` logits several times (matmul out, float
