@@ -29,7 +29,9 @@ setup(
         "datasets>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "triton>=3.2", "tensorboard"],
+        # lm-eval: the harness model's test runs lm_eval.simple_evaluate on a local task;
+        # matplotlib: the replication test checks its plot
+        "test": ["pytest>=8", "triton>=3.2", "tensorboard", "lm-eval>=0.4.13", "matplotlib"],
         "gpu": ["flash-attn"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # the peers benchmarks/run.py compares against, when they install (never a dependency)

@@ -161,13 +161,13 @@ def test_trainer_passes_calm_temperature_and_reverse_tidal(monkeypatch):
     """--calm-temperature reaches the chunk loss, --temperature the token losses; reverse_calm_tidal
     calls Reverse CALM with lam and the timestep weight of the mask ratio."""
     calls = []
-    real = losses.calm_loss
+    real = losses.calm_from_logprobs  # the trainer's one token log-prob pass serves CE and the chunk loss
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(losses, "calm_loss", spy)
+    monkeypatch.setattr(losses, "calm_from_logprobs", spy)
     cfg = Config(method="reverse_calm_tidal", pipeline="cross", calm_temperature=5.0, temperature=1.5,
                  alpha_schedule="cosine")
     from tide.models import build_config, build_model
