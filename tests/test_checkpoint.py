@@ -152,6 +152,14 @@ def test_resume_refuses_changed_options(assets, two_steps):
     assert result["history"][-1]["step"] == 3
 
 
+def test_resume_refuses_a_changed_method(assets, two_steps):
+    """--method on --resume: a CE run resumed as a distillation run (its own first checkpoint as the
+    teacher) is refused, naming the method, not continued under the other objective."""
+    with pytest.raises(SystemExit, match="method: 'ce' -> 'kl'") as error:
+        run(assets, two_steps, "--resume", **{"method": "kl", "teacher": str(two_steps / "checkpoint-1")})
+    assert "--allow-config-change" in str(error.value)
+
+
 def test_checksums_catch_flipped_bytes(assets, two_steps, capsys):
     model = two_steps / "checkpoint-2" / "model.safetensors"
     data = bytearray(model.read_bytes())

@@ -364,6 +364,8 @@ def _autocast_cases(impl):
         "tidal": lambda: tide.tidal_loss(h, w, th, tw, t, 0.4, shared_vocab=SHARED, targets=targets, impl=impl),
         "reverse_kl": lambda: tide.kl_loss(h, w, th, tw, reverse=True, shared_vocab=SHARED, targets=targets,
                                            reduction="sum", impl=impl),
+        "forward_kl": lambda: tide.kl_loss(h, w, th, tw, reverse=False, shared_vocab=SHARED, targets=targets,
+                                           impl=impl),
     }
     if impl != "triton_stream":
         cases["token_logprobs"] = lambda: tide.token_logprobs(h, w, targets, impl=impl)
