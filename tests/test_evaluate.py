@@ -225,11 +225,30 @@ def test_bad_arguments_and_data(tok, tmp_path):
         elbo(model, ["ab"], tokenizer=tok)
     with pytest.raises(TypeError, match="model must be a tide"):
         elbo(model.decoder, TEXTS, tokenizer=tok)
-    for argv, message in ((["--samples", "0"], "--samples must be >= 1"),
-                          (["--checkpoint", str(tmp_path / "missing")], "not a local directory")):
-        full = ["--checkpoint", str(tmp_path), "--data", str(tmp_path)] + argv
-        with pytest.raises(SystemExit):
-            main(full)
+    (tmp_path / "empty.jsonl").write_text("\n  \n")              # datasets raised a bare StopIteration here
+    with pytest.raises(ValueError, match="empty.jsonl holds no conversations"):
+        elbo(model, str(tmp_path / "empty.jsonl"), tokenizer=tok)
+
+
+def test_cli_bad_arguments_name_the_argument(tok, tmp_path, capsys):
+    """Each bad command line stops with a message naming the argument (on a valid checkpoint and
+    data, so that only the bad argument can be the cause)."""
+    model = tiny(tok, "bd3lm", block=8)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "data.txt").write_text("\n".join(TEXTS))
+    (tmp_path / "empty.jsonl").write_text("")
+    good = {"--checkpoint": str(tmp_path / "ckpt"), "--data": str(tmp_path / "data.txt")}
+    for change, message in (({"--samples": "0"}, "--samples must be >= 1"),
+                            ({"--checkpoint": str(tmp_path / "missing")}, "not a local directory"),
+                            ({"--checkpoint": str(tmp_path)}, "not a model directory"),
+                            ({"--data": str(tmp_path / "nope.txt")}, "does not exist"),
+                            ({"--data": str(tmp_path / "empty.jsonl")}, "holds no conversations")):
+        argv = [x for k, v in dict(good, **change).items() for x in (k, v)] + ["--quiet"]
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code != 0
+        assert message in capsys.readouterr().err, (change, message)
 
 
 # --------------------------------------------------------------------------- infill

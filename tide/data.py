@@ -579,6 +579,16 @@ def _check_utf8_file(path: str, head_bytes: int = 1 << 16) -> None:
         raise ValueError(f"{path} is not a UTF-8 JSON/JSONL text file (binary data in its first bytes)")
 
 
+def _check_not_blank(path: str) -> None:
+    """ValueError naming `path` when it holds nothing but whitespace (`datasets` would raise a
+    bare StopIteration on an empty JSON/JSONL file)."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                return
+    raise ValueError(f"{path} holds no conversations (the file is empty or blank)")
+
+
 def load_chat_dataset(source, *, split: str = "train", messages_key: str = "messages", validate: bool = True,
                       **load_kwargs):
     """A `datasets.Dataset` of conversations, from a JSON/JSONL file or a `datasets` object.
@@ -596,6 +606,7 @@ def load_chat_dataset(source, *, split: str = "train", messages_key: str = "mess
         if not os.path.isfile(path):
             raise ValueError(f"source {path!r} is not a file")
         _check_utf8_file(path)
+        _check_not_blank(path)
         dataset = datasets.load_dataset("json", data_files=path, split="train", **load_kwargs)
         name = path
     elif isinstance(source, datasets.DatasetDict):
