@@ -118,3 +118,19 @@ def test_flex_block_mask_equals_sdpa():
     with torch.no_grad():
         torch.testing.assert_close(flex(x, y), sdpa(x, y))
         torch.testing.assert_close(flex(x, y, pad)[:, :13], sdpa(x, y, pad)[:, :13])
+
+
+def test_save_and_load_print_no_hugging_face_progress_bars(tmp_path, capfd):
+    """transformers 5 draws "Loading weights" / "Writing model shards" bars on every load and save;
+    tide's trainer, evaluator and sampler print their own progress, so those bars stay off there,
+    and the user's own setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    model = build_model("bd3lm", build_config("qwen3", 40, 16, 1, 2), block_size=4, mask_token_id=39)
+    assert hf_logging.is_progress_bar_enabled()
+    model.save_pretrained(tmp_path / "m")
+    load_model(tmp_path / "m")
+    captured = capfd.readouterr()
+    for noise in ("Writing model shards", "Loading weights", "it/s]"):
+        assert noise not in captured.out + captured.err, noise
+    assert hf_logging.is_progress_bar_enabled()

@@ -20,7 +20,7 @@ import os
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .bd3lm import BD3LM, CONCAT_ORDERS, bd3lm_allowed, bd3lm_block_mask, bd3lm_sdpa_mask
-from .common import DiffusionLM, default_attention, local_directory
+from .common import DiffusionLM, default_attention, local_directory, quiet_weight_progress
 from .mdlm import MDLM
 
 KINDS = {"bd3lm": BD3LM, "mdlm": MDLM}
@@ -124,12 +124,15 @@ def load_model(path, *, kind: str | None = None, block_size: int | None = None,
                              f"runs that Python file. Pass trust_remote_code=True (trainer: --trust-remote-code) "
                              f"only if you trust the directory")
         from .custom import load_custom
-        return load_custom(path, auto_map, kind=kind, mask_token_id=mask_token_id, block_size=block_size,
-                           concat_order=concat_order, lm_head=lm_head, device=device, dtype=dtype)
+        with quiet_weight_progress():
+            return load_custom(path, auto_map, kind=kind, mask_token_id=mask_token_id, block_size=block_size,
+                               concat_order=concat_order, lm_head=lm_head, device=device, dtype=dtype)
     if lm_head:
         raise ValueError(f"lm_head= is for custom-code models; {path} is a native {model_type} model")
     attn = attn_implementation or default_attention(kind, device)
-    decoder = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype, local_files_only=True)
+    with quiet_weight_progress():
+        decoder = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype,
+                                                       local_files_only=True)
     return _make(kind, decoder, block_size, mask_token_id, concat_order).to(device)
 
 

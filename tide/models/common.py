@@ -8,11 +8,28 @@ A saved model is a plain Hugging Face directory (`config.json`,
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def quiet_weight_progress():
+    """Hugging Face's own progress bars ("Loading weights", "Writing model shards") off while a
+    small model is loaded or saved: the trainer, evaluator and sampler print their own progress.
+    The previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def local_directory(path, what: str = "model") -> str:
@@ -89,4 +106,5 @@ class DiffusionLM(nn.Module):
         self.config.mask_token_id = self.mask_token_id
         if self.kind == "bd3lm":
             self.config.concat_order = self.concat_order
-        self.decoder.save_pretrained(path, safe_serialization=True, **kwargs)
+        with quiet_weight_progress():
+            self.decoder.save_pretrained(path, safe_serialization=True, **kwargs)
