@@ -115,16 +115,19 @@ def test_noise_masks_with_the_schedules_mask_ratio(alpha):
 
 # --------------------------------------------------------------------------- CE normalisation
 def expected_ce(logits, ids, masked, maskable, t, alpha, norm, weighting):
-    """Loop form of SPEC's CE: per sequence b, w_b * sum over masked i of CE_bi, then the normaliser."""
+    """Loop form of SPEC's CE: per sequence b, w_b * sum over masked i of CE_bi, then the normaliser
+    of the official loss_norm_type (PKU-YuanGroup/TIDE dllm/core/trainers/bd3lm.py@da47bac): token:
+    the micro-batch's maskable tokens; sequence: each sequence's maskable tokens (at least 1) times
+    the number of sequences B, empty ones included; batch: B."""
     w = schedules.elbo_weight(t, alpha) if weighting == "elbo" else torch.ones_like(t)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # [b, L]
-    per_seq = [(w[b] * ce[b][masked[b]]).sum() for b in range(len(t))]
+    B = len(t)
+    per_seq = [(w[b] * ce[b][masked[b]]).sum() for b in range(B)]
     if norm == "token":
         return sum(per_seq) / maskable.sum()
     if norm == "sequence":
-        seqs = [b for b in range(len(t)) if maskable[b].any()]
-        return sum(per_seq[b] / maskable[b].sum() for b in seqs) / len(seqs)
-    return sum(per_seq) / maskable.numel()
+        return sum(per_seq[b] / (max(int(maskable[b].sum()), 1) * B) for b in range(B))
+    return sum(per_seq) / B
 
 
 @pytest.mark.parametrize("norm", ["token", "sequence", "batch"])
@@ -135,10 +138,11 @@ def test_ce_normalisation_and_schedule_weight(norm, alpha, method):
     torch.manual_seed(0)
     student = build_model("bd3lm", build_config("qwen3", 40, 16, 1, 2), block_size=4, mask_token_id=39).double()
     cfg = Config(method=method, pipeline="shared", alpha_schedule=alpha, ce_normalization=norm, impl="chunked")
-    batch = tiny_batch()
+    batch = tiny_batch(b=4)
+    batch["student_maskable"][3] = False  # a sequence with no maskable token still counts in B (sequence, batch)
     noise = noise_batch(batch, cfg, torch.Generator().manual_seed(1))
     masked, ids = noise["masked"], batch["student_input_ids"]
-    t_hidden = torch.randn(3, 16, 16, dtype=torch.float64)
+    t_hidden = torch.randn(4, 16, 16, dtype=torch.float64)
     t_weight = torch.randn(40, 16, dtype=torch.float64)
     objective = StudentLoss(student, cfg, 40)
     _, parts = objective(batch, noise, t_hidden if method == "kl" else None, t_weight if method == "kl" else None, 0.5)

@@ -67,7 +67,7 @@ class Config:
     eps: float = 1e-3                     # t = eps + (1 - eps) U(0, 1)
     alpha_schedule: str = "linear"        # masking schedule: linear (alpha = 1 - t) | cosine (alpha = cos(pi t / 2)); mask ratio 1 - alpha(t)
     ce_schedule_weight: str = "elbo"      # per-sequence CE weight: elbo (-alpha'(t) / (1 - alpha(t)), 1/t if linear; old name: linear) | uniform (1)
-    ce_normalization: str = "token"       # CE divided by: token (maskable tokens) | sequence (per sequence, then mean) | batch (b x seq_len)
+    ce_normalization: str = "token"       # CE divided by (b = sequences in the micro-batch): token (its maskable tokens) | sequence (each sequence's maskable tokens x b) | batch (b)
     ce_weight: float = 1.0                # loss = ce_weight * CE + distill_weight * L_distill
     distill_weight: float = 1.0
     impl: str = "auto"                    # loss implementation: auto | chunked | triton | ...

@@ -192,20 +192,21 @@ def ce_row_weights(batch: dict, noise: dict, cfg: Config) -> torch.Tensor:
     """Per-position CE weights `[b, L]` such that CE = sum over masked positions of weight * CE_i.
 
     Schedule weight of each sequence (--ce-schedule-weight: the ELBO weight -alpha'(t) / (1 - alpha(t)),
-    1/t for the linear schedule, or 1) over the --ce-normalization denominator:
-    "token": the maskable tokens of the micro-batch; "sequence": each sequence's own maskable
-    tokens times the number of sequences that have any; "batch": b x seq_len.
+    1/t for the linear schedule, or 1) over the --ce-normalization denominator, b being the number
+    of sequences in the micro-batch: "token": the maskable tokens of the micro-batch; "sequence":
+    each sequence's own maskable tokens (at least 1) times b; "batch": b. These are the official
+    loss_norm_type definitions (PKU-YuanGroup/TIDE dllm/core/trainers/bd3lm.py@da47bac).
     """
     t, maskable = noise["t"], batch["student_maskable"]
     seq_weight = torch.ones_like(t) if cfg.ce_schedule_weight == "uniform" \
         else schedules.elbo_weight(t, cfg.alpha_schedule)  # "elbo" (or its old name "linear")
-    per_seq = maskable.sum(1)                                                     # [b]
+    per_seq, b = maskable.sum(1), maskable.shape[0]                               # [b], b
     if cfg.ce_normalization == "token":
         seq_weight = seq_weight / per_seq.sum().clamp(min=1)
     elif cfg.ce_normalization == "sequence":
-        seq_weight = seq_weight / (per_seq.clamp(min=1) * (per_seq > 0).sum().clamp(min=1))
+        seq_weight = seq_weight / (per_seq.clamp(min=1) * b)
     else:
-        seq_weight = seq_weight / maskable.numel()
+        seq_weight = seq_weight / b
     return seq_weight[:, None].expand_as(maskable)
 
 
