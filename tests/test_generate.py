@@ -16,10 +16,12 @@ PROMPTS = [[3, 4, 5, 6, 7], [1], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8],
            [4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18, 19]]  # 8 lengths, ragged around blocks of 4
 
 
-def tiny(kind="bd3lm", block=4, arch="qwen3", layers=2):
-    """A random model whose outputs depend on the context (weights large enough that attention matters)."""
+def tiny(kind="bd3lm", block=4, arch="qwen3", layers=2, heads=2, kv_heads=None):
+    """A random model whose outputs depend on the context (weights large enough that attention matters).
+    `kv_heads` < `heads`: grouped-query attention (as in the real Qwen3 students)."""
     torch.manual_seed(0)
-    model = build_model(kind, build_config(arch, V, 32, layers, 2), block_size=block, mask_token_id=MASK).eval()
+    config = build_config(arch, V, 32, layers, heads, num_kv_heads=kv_heads)
+    model = build_model(kind, config, block_size=block, mask_token_id=MASK).eval()
     for name, p in model.named_parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.5 if "embed" in name else p.shape[1] ** -0.5)
@@ -38,7 +40,10 @@ def test_blocks_fill_without_masks(bd3lm):
     assert len(set(out)) > 1                                  # the test model is not degenerate
 
 
-def test_one_step_block_is_the_argmax_of_the_training_forward(bd3lm):
+@pytest.mark.parametrize("heads,kv_heads", [(2, None), (4, 2), (4, 1)])
+def test_one_step_block_is_the_argmax_of_the_training_forward(heads, kv_heads):
+    """Also checks the grouped-query fold of `ragged_sdpa` against Hugging Face's own GQA attention."""
+    bd3lm = tiny(heads=heads, kv_heads=kv_heads)
     prompt = [3, 4, 5, 6]                                     # exactly one block
     out = generate(bd3lm, [prompt], 4, steps=1)[0]
     seq = torch.tensor([prompt + [MASK] * 4])
@@ -48,9 +53,11 @@ def test_one_step_block_is_the_argmax_of_the_training_forward(bd3lm):
     assert out == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_cache_matches_full_rerun(arch):
-    model = tiny(arch=arch)
+@pytest.mark.parametrize("arch,heads,kv_heads", [("qwen3", 2, None), ("llama", 2, None), ("qwen3", 4, 2),
+                                                ("qwen3", 4, 1), ("llama", 4, 2)])
+def test_cache_matches_full_rerun(arch, heads, kv_heads):
+    model = tiny(arch=arch, heads=heads, kv_heads=kv_heads)
+    assert model.config.num_key_value_heads == (kv_heads or heads)
     for new, steps, strategy, threshold in ((11, None, "low_confidence", None), (8, 2, "low_confidence", None),
                                             (9, None, "margin", None), (12, None, "threshold", 0.3)):
         plain = generate(model, PROMPTS, new, steps=steps, strategy=strategy, threshold=threshold, cache=False)
@@ -59,12 +66,14 @@ def test_cache_matches_full_rerun(arch):
         assert all(len(o) == new and MASK not in o for o in cached)
 
 
-@pytest.mark.parametrize("kind,options", [
-    ("bd3lm", {}), ("bd3lm", {"cache": False}), ("bd3lm", {"strategy": "threshold", "threshold": 0.2}),
-    ("bd3lm", {"strategy": "random"}), ("bd3lm", {"temperature": 1.0, "top_k": 8, "top_p": 0.9}),
-    ("mdlm", {}), ("mdlm", {"block_size": 4, "steps": 2}), ("mdlm", {"temperature": 0.7})])
-def test_a_prompt_alone_equals_it_inside_a_ragged_batch_of_8(kind, options):
-    model = tiny(kind)
+@pytest.mark.parametrize("kind,options,kv_heads", [
+    ("bd3lm", {}, None), ("bd3lm", {"cache": False}, None), ("bd3lm", {"strategy": "threshold", "threshold": 0.2}, None),
+    ("bd3lm", {"strategy": "random"}, None), ("bd3lm", {"temperature": 1.0, "top_k": 8, "top_p": 0.9}, None),
+    ("mdlm", {}, None), ("mdlm", {"block_size": 4, "steps": 2}, None), ("mdlm", {"temperature": 0.7}, None),
+    ("bd3lm", {}, 1), ("bd3lm", {"cache": False}, 2), ("bd3lm", {"temperature": 1.0, "top_k": 8}, 2),
+    ("mdlm", {}, 2)])
+def test_a_prompt_alone_equals_it_inside_a_ragged_batch_of_8(kind, options, kv_heads):
+    model = tiny(kind, heads=4 if kv_heads else 2, kv_heads=kv_heads)   # kv_heads: grouped-query attention
     batch = generate(model, PROMPTS, 9, seed=list(range(100, 108)), **options)
     alone = [generate(model, [p], 9, seed=[100 + i], **options)[0] for i, p in enumerate(PROMPTS)]
     assert batch == alone
@@ -113,6 +122,66 @@ def test_eos_stops_one_row_and_not_the_others(kind):
     for out, full in zip(stopped, free):
         assert out == (full[:full.index(eos)] if eos in full else full)
     assert len(stopped[0]) < 4 and any(len(o) == 12 for o in stopped)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_ragged_sdpa_grouped_query_heads_equal_repeated_keys(heads, kv_heads):
+    """Query head i reads kv head i // (heads / kv_heads), with and without a block-causal mask,
+    over a group whose keys are a slice of a larger buffer; queries outside the groups get zeros."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, heads, 8, 16), torch.randn(3, kv_heads, 20, 16), torch.randn(3, kv_heads, 20, 16)
+    mask = _block_causal(4, 8, 12, 4, "cpu")
+    groups = [(0, 2, 0, 8, 0, 12, mask), (2, 3, 4, 4, 0, 20, None)]
+    out, _ = ragged_sdpa(None, q, k, v, tide_groups=groups, scaling=0.25)
+    repeat = heads // kv_heads
+    full_k, full_v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(q[:2], full_k[:2, :, :12], full_v[:2, :, :12],
+                                                            attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out[:2], want.transpose(1, 2))
+    want = torch.nn.functional.scaled_dot_product_attention(q[2:, :, 4:], full_k[2:], full_v[2:], scale=0.25)
+    torch.testing.assert_close(out[2:, 4:], want.transpose(1, 2))
+    assert not out[2:, :4].any()
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_block_kv_cache_grows_in_place_and_attention_reads_it_without_a_copy(kv_heads, monkeypatch):
+    """The per-layer buffers are allocated once and written in place (the same data_ptr at every step),
+    and every key / value tensor that reaches SDPA while decoding is a view of those buffers: no
+    per-step copy, concatenation or (grouped-query attention) head repeat of the cache."""
+    import torch.nn.functional as F
+    model = tiny(heads=4, kv_heads=kv_heads)
+    seen = {"caches": [], "pointers": [], "sdpa": []}
+
+    def grab(module, args, kwargs):
+        seen["caches"].append(kwargs["cache"])
+
+    def record(module, args, kwargs, output):
+        cache = kwargs["cache"]
+        assert all(k.shape[1] == (kv_heads or 4) for k in cache.keys)              # kv heads only, not repeated
+        seen["pointers"].append([(k.data_ptr(), v.data_ptr()) for k, v in zip(cache.keys, cache.values)])
+
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        seen["sdpa"].append((query.shape[1], key.untyped_storage().data_ptr(), value.untyped_storage().data_ptr()))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    hooks = [model.backbone.register_forward_pre_hook(grab, with_kwargs=True),
+             model.backbone.register_forward_hook(record, with_kwargs=True)]
+    try:
+        out = generate(model, [[3, 4, 5], [1, 2]], 13)             # both rows: 4 blocks of 4, none leaves early
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(len(o) == 13 and MASK not in o for o in out)
+    cache = seen["caches"][0]
+    assert all(c is cache for c in seen["caches"]) and len(seen["pointers"]) > 8   # one cache, many steps
+    assert all(p == seen["pointers"][0] for p in seen["pointers"])                  # never reallocated
+    buffers = {pointer for pair in seen["pointers"][0] for pointer in pair}
+    assert len(buffers) == 2 * model.config.num_hidden_layers
+    assert seen["sdpa"] and all(k in buffers and v in buffers for _, k, v in seen["sdpa"])
+    assert {heads for heads, _, _ in seen["sdpa"]} == {kv_heads or 4}              # queries folded onto kv heads
 
 
 def test_threshold_one_is_one_token_per_step_and_lower_thresholds_save_calls(bd3lm):

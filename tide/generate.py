@@ -35,8 +35,13 @@ The mask token is never a candidate, so it is never emitted.
 
 Block KV cache (BD3LM, `cache=True`, the default). The keys and values of the
 clean blocks are computed once, into per-layer buffers `[b, h_kv, capacity, d]`
-allocated for the whole answer, and written in place: the cache is never
-copied, cropped or concatenated. A denoising step runs the current block
+allocated for the whole answer, and written in place: the cache is never copied,
+cropped or concatenated from step to step (only when finished rows leave the batch
+are the remaining rows' entries gathered once). With grouped-query attention (fewer
+key/value heads than query heads, as in Qwen3) the `h_kv` heads are read in place,
+never repeated per query head: `ragged_sdpa` folds each kv head's query heads into
+the query length (tested: every key SDPA reads while decoding is a view of the
+buffers). A denoising step runs the current block
 (queries: `block_size` positions per row) against them, writing the block's own
 keys and values into its slot; the first step of a block also runs the block
 finished just before, clean, whose keys and values thereby join the cache (and
@@ -88,16 +93,27 @@ def ragged_sdpa(module, query, key, value, attention_mask=None, dropout=0.0, sca
     `q_from : q_from + q_len` attend to their keys `k_from : k_from + k_len` under `mask`
     (`[1, 1, q_len, k_len]` bool, True = attend; None = all). Queries outside every group (padding)
     get zeros.
+
+    Grouped-query attention (h_kv < h, query head i reads kv head i // (h / h_kv)): the keys and
+    values are never repeated. The `h / h_kv` query heads of each kv head are folded into the query
+    length instead (`[rows, h_kv, (h / h_kv) * q_len, d]`, a copy of the queries only, and of the mask
+    when there is one), so SDPA reads the cache in place on every backend (SDPA's `enable_gqa` falls
+    back to a repeating math kernel on CUDA whenever there is a mask).
     """
-    repeat = query.shape[1] // key.shape[1]
-    out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    b, h, t, d = query.shape
+    h_kv = key.shape[1]
+    if h % h_kv:
+        raise ValueError(f"ragged_sdpa: {h} query heads is not a multiple of {h_kv} key/value heads")
+    repeat = h // h_kv
+    out = query.new_zeros(b, t, h, d)
     for start, stop, q_from, q_len, k_from, k_len, mask in kwargs["tide_groups"]:
         k, v = key[start:stop, :, k_from:k_from + k_len], value[start:stop, :, k_from:k_from + k_len]
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        att = F.scaled_dot_product_attention(query[start:stop, :, q_from:q_from + q_len], k, v, attn_mask=mask,
-                                             scale=scaling)
-        out[start:stop, q_from:q_from + q_len] = att.transpose(1, 2)
+        q = query[start:stop, :, q_from:q_from + q_len]
+        if repeat > 1:  # [rows, h, q_len, d] -> [rows, h_kv, repeat * q_len, d]
+            q = q.reshape(stop - start, h_kv, repeat * q_len, d)
+            mask = None if mask is None else mask.repeat(1, 1, repeat, 1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        out[start:stop, q_from:q_from + q_len] = att.reshape(stop - start, h, q_len, d).transpose(1, 2)
     return out, None
 
 
