@@ -277,6 +277,51 @@ def test_cli_prompts_file_and_batches(checkpoint, tmp_path, capsys):
                  "--max-new-tokens", "8", "--device", "cpu"])[0] is not None
 
 
+def test_cli_sampling_options_reach_the_sampler_and_take_effect(checkpoint, monkeypatch):
+    """--block-size, --top-k, --top-p, --seed and --no-cache through `python -m tide.generate` (main)."""
+    import tide.generate as module
+    real, calls = module.generate, []
+
+    def spy(model, prompts, max_new_tokens, **options):               # the real sampler, counting forwards
+        forwards = []
+        hook = model.backbone.register_forward_pre_hook(lambda m, a: forwards.append(1))
+        try:
+            return real(model, prompts, max_new_tokens, **options)
+        finally:
+            hook.remove()
+            calls.append(dict(options, forwards=len(forwards)))
+
+    monkeypatch.setattr(module, "generate", spy)
+    base = ["--checkpoint", checkpoint, "--prompt", "def f(x):", "--max-new-tokens", "12", "--device", "cpu"]
+    two = base + ["--prompt", "import os"]
+    # --seed: the same seed, the same samples; prompt i samples with seed + i; another seed, other samples
+    sampled = two + ["--temperature", "1.0", "--seed", "7"]
+    first = main(sampled)
+    assert calls[-1]["seed"] == [7, 8] and calls[-1]["temperature"] == 1.0
+    assert main(sampled) == first
+    assert main(base[:2] + ["--prompt", "import os"] + base[4:] + ["--temperature", "1.0", "--seed", "8"]) == first[1:]
+    assert main(two + ["--temperature", "1.0", "--seed", "9"]) != first
+    # --top-k 1 / a tiny --top-p keep only the most probable token: sampling is then greedy (one step per
+    # block writes every position, so the order of the writes cannot differ either)
+    greedy = main(two + ["--steps", "1"])
+    assert main(two + ["--steps", "1", "--temperature", "1.0", "--seed", "7"]) != greedy
+    assert main(two + ["--steps", "1", "--temperature", "1.0", "--seed", "7", "--top-k", "1"]) == greedy
+    assert calls[-1]["top_k"] == 1 and calls[-1]["top_p"] is None
+    assert main(two + ["--steps", "1", "--temperature", "1.0", "--seed", "7", "--top-p", "1e-6"]) == greedy
+    assert calls[-1]["top_p"] == 1e-6 and calls[-1]["top_k"] is None
+    # --no-cache: the same greedy tokens as the cache
+    cached = main(two + ["--block-size", "4"])
+    assert calls[-1]["cache"] is True
+    assert main(two + ["--block-size", "4", "--no-cache"]) == cached and calls[-1]["cache"] is False
+    # --block-size: one forward per block with --steps 1 (12 new tokens: >= 3 blocks of 4, <= 3 of 8, never both 3)
+    main(base + ["--steps", "1", "--block-size", "4"])
+    assert calls[-1]["block_size"] == 4
+    blocks_of_4 = calls[-1]["forwards"]
+    main(base + ["--steps", "1"])
+    assert calls[-1]["block_size"] is None                          # the model's (8)
+    assert blocks_of_4 >= 3 and calls[-1]["forwards"] <= 3 and blocks_of_4 != calls[-1]["forwards"]
+
+
 def test_cli_chat_wraps_prompts_in_the_chat_template(checkpoint, tmp_path, capsys):
     import shutil
 
