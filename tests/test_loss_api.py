@@ -95,6 +95,53 @@ def close(got, want, tol=1e-9):
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, float(b.abs().max())))
 
 
+def logprob_reference(x, softcap):
+    """token_logprobs' float64 eager ground truth on [b, l] rows: 0 at ignored rows."""
+    logits = reference.lm_logits(x["student_hidden"], x["student_weight"], x["student_bias"], softcap, torch.float64)
+    logp = logits.log_softmax(-1).gather(-1, x["targets"].clamp(min=0)[..., None])[..., 0]
+    return torch.where(x["targets"] != -100, logp, torch.zeros_like(logp))
+
+
+NUM_CHUNKS = 4
+CALM_CAPS = dict(student_softcap=4.0, teacher_softcap=3.0)
+
+
+def calm_rows(x, seed=1):
+    """calm_loss's other inputs on make()'s rows: chunk ids for the [b, l] student rows (-1, not
+    read, at ignored rows) and a [b, l] teacher side with its own targets, ignored rows and chunks."""
+    g = torch.Generator().manual_seed(seed)
+    student_chunk = torch.randint(0, NUM_CHUNKS, (B, L), generator=g)
+    student_chunk[x["targets"] == -100] = -1
+    teacher_targets = torch.randint(0, V_T, (B, L), generator=g)
+    teacher_targets[0, 0] = teacher_targets[1, 2] = -100
+    teacher_chunk = torch.randint(0, NUM_CHUNKS, (B, L), generator=g)
+    teacher_chunk[teacher_targets == -100] = -1
+    return dict(student_chunk=student_chunk, teacher_targets=teacher_targets, teacher_chunk=teacher_chunk)
+
+
+def calm_call(x, rows, reduction, impl, caps=CALM_CAPS):
+    return tide.calm_loss(x["student_hidden"], x["student_weight"], x["targets"], rows["student_chunk"],
+                          x["teacher_hidden"], x["teacher_weight"], rows["teacher_targets"], rows["teacher_chunk"],
+                          num_chunks=NUM_CHUNKS, student_bias=x["student_bias"], teacher_bias=x["teacher_bias"],
+                          reduction=reduction, impl=impl, **caps)
+
+
+def calm_flat_reference(x, rows, reduction, caps=CALM_CAPS):
+    """The eager float64 composition on each side's hand-gathered rows."""
+    sides = []
+    for hidden, weight, bias, targets, chunk, cap in (
+            (x["student_hidden"], x["student_weight"], x["student_bias"], x["targets"], rows["student_chunk"],
+             caps["student_softcap"]),
+            (x["teacher_hidden"], x["teacher_weight"], x["teacher_bias"], rows["teacher_targets"],
+             rows["teacher_chunk"], caps["teacher_softcap"])):
+        keep = (targets != -100).reshape(-1)
+        h = hidden.reshape(B * L, -1)[keep]
+        sides += [reference.token_logprobs(h, weight, targets.reshape(-1)[keep], bias, cap),
+                  chunk.reshape(-1)[keep]]
+    return reference.calm_from_token_logprobs(*sides, num_chunks=NUM_CHUNKS, reverse=True, temperature=2.0,
+                                              reduction=reduction)
+
+
 # ----------------------------------------------------------------------------- values and gradients
 @pytest.mark.parametrize("impl", DISTILL_IMPLS)
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -154,13 +201,7 @@ def test_token_logprobs_leading_dims_bias_softcap(impl):
         return tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], bias=x["student_bias"],
                                    softcap=3.0, impl=impl)
 
-    def eager(x):
-        logits = reference.lm_logits(x["student_hidden"], x["student_weight"], x["student_bias"], 3.0,
-                                     torch.float64)
-        logp = logits.log_softmax(-1).gather(-1, x["targets"].clamp(min=0)[..., None])[..., 0]
-        return torch.where(x["targets"] != -100, logp, torch.zeros_like(logp))
-
-    got, want = grads_of(ours, x), grads_of(eager, x)
+    got, want = grads_of(ours, x), grads_of(lambda x: logprob_reference(x, 3.0), x)
     assert got[0][0].shape == (B, L)
     close(got[0] + got[1], want[0] + want[1])
 
@@ -219,6 +260,38 @@ def test_gradcheck_softcap_bias_reduction_none(impl):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=impl.startswith("triton"))
 
 
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+def test_gradcheck_token_logprobs_softcap_bias(impl):
+    """Finite differences through token_logprobs' softcap derivative and bias on [b, l] rows with an
+    ignored row, per-row outputs (fast mode for the Triton impl)."""
+    x = make(seed=12)
+    targets = x["targets"][:, :3]
+    assert (targets == -100).any()
+
+    def fn(h, w, b):
+        return tide.token_logprobs(h, w, targets, bias=b, softcap=1.5, impl=impl)
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x["student_hidden"][:, :3], x["student_weight"],
+                                                            x["student_bias"]))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=impl == "triton")
+
+
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+def test_gradcheck_calm_softcap_bias_reduction_none(impl):
+    """Finite differences through calm_loss with both softcaps and biases on, ignored rows on both
+    sides and per-chunk outputs (any upstream gradient; fast mode for the Triton impl)."""
+    x = make(seed=15)
+    rows = calm_rows(x, seed=2)
+
+    def fn(h, w, b):
+        return calm_call(dict(x, student_hidden=h, student_weight=w, student_bias=b), rows, "none", impl,
+                         dict(student_softcap=1.5, teacher_softcap=2.0))
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x["student_hidden"], x["student_weight"],
+                                                            x["student_bias"]))
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=impl == "triton")
+
+
 # ----------------------------------------------------------------------------- edge cases, bad values
 @pytest.mark.parametrize("impl", DISTILL_IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -234,6 +307,39 @@ def test_all_rows_ignored_gives_zero_and_zero_gradients(impl, reduction):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+def assert_zero_values_and_gradients(fn, x):
+    outs, grads = grads_of(fn, x)
+    for value in outs:
+        assert torch.equal(value, torch.zeros_like(value)), value
+    for grad in grads:
+        assert grad is not None and torch.equal(grad, torch.zeros_like(grad)), grad
+
+
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+def test_token_logprobs_all_rows_ignored_gives_zero_and_zero_gradients(impl):
+    x = make(seed=2)
+    x["targets"] = torch.full((B, L), -100)
+    assert_zero_values_and_gradients(
+        lambda x: tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], bias=x["student_bias"],
+                                      softcap=3.0, impl=impl), x)
+
+
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_calm_all_rows_ignored_gives_zero_and_zero_gradients(impl, reduction, side):
+    """Every row of one side ignored: no active chunk, so 0 (not 0 / 0) and zero gradients."""
+    x = make(seed=2)
+    rows = calm_rows(x)
+    if side == "student":
+        x["targets"] = torch.full((B, L), -100)
+        rows["student_chunk"] = torch.full((B, L), -1)
+    else:
+        rows["teacher_targets"] = torch.full((B, L), -100)
+        rows["teacher_chunk"] = torch.full((B, L), -1)
+    assert_zero_values_and_gradients(lambda x: calm_call(x, rows, reduction, impl), x)
+
+
 @pytest.mark.parametrize("softcap", [0.0, -1.0, float("nan"), float("inf"), True, "3"])
 @pytest.mark.parametrize("name", ["student_softcap", "teacher_softcap"])
 def test_softcap_must_be_a_positive_number(softcap, name):
@@ -244,6 +350,10 @@ def test_softcap_must_be_a_positive_number(softcap, name):
         tide.TIDALLoss(**{name: softcap})
     with pytest.raises(ValueError, match="softcap"):
         tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], softcap=softcap)
+    with pytest.raises(ValueError, match=name):
+        calm_call(x, calm_rows(x), "mean", "reference", dict(CALM_CAPS, **{name: softcap}))
+    with pytest.raises(ValueError, match=name):
+        tide.CALMLoss(**{name: softcap})
 
 
 def test_bad_bias_and_row_mask_are_named():
@@ -328,6 +438,43 @@ def test_half_precision_with_every_option(impl, dtype):
     close(got[1], want[1], 1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
+def _half(dtype, seed):
+    low = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in make(seed=seed).items()}
+    return low, {k: (v.double() if v.is_floating_point() else v) for k, v in low.items()}
+
+
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_token_logprobs_half_precision_with_bias_softcap(impl, dtype):
+    """16-bit [b, l] rows with ignored rows, a bias and a softcap: the float32 result of the float64
+    reference on the rounded values; gradients (hidden, weight, bias) in the input dtype."""
+    low, rounded = _half(dtype, seed=16)
+
+    def ours(x):
+        return tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], bias=x["student_bias"],
+                                   softcap=3.0, impl=impl)
+
+    got, want = grads_of(ours, low), grads_of(lambda x: logprob_reference(x, 3.0), rounded)
+    assert got[0][0].dtype == torch.float32 and [g.dtype for g in got[1]] == [dtype] * 3
+    close(got[0], want[0], 1e-5)
+    close(got[1], want[1], 1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.parametrize("impl", LOGPROB_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_calm_half_precision_with_every_option(impl, dtype):
+    """calm_loss on 16-bit [b, l] rows (both sides) with ignore_index, biases, softcaps and per-chunk
+    values: the float32 result of the float64 reference on the rounded values."""
+    low, rounded = _half(dtype, seed=17)
+    rows = calm_rows(low, seed=3)
+    got = grads_of(lambda x: calm_call(x, rows, "none", impl), low)
+    want = grads_of(lambda x: calm_flat_reference(x, rows, "none"), rounded)
+    assert got[0][0].dtype == torch.float32 and [g.dtype for g in got[1]] == [dtype] * 3
+    assert (want[0][0] != 0).sum() >= 2                                 # active chunks
+    close(got[0], want[0], 1e-5)
+    close(got[1], want[1], 1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
 @pytest.mark.parametrize("impl", ["chunked", "triton", "triton_stream"])
 def test_no_n_by_v_tensor_with_the_new_options(impl, monkeypatch):
     """[b, l, d] rows with ignore_index, softcaps, biases and reduction="none": every tensor made in
@@ -350,6 +497,33 @@ def test_no_n_by_v_tensor_with_the_new_options(impl, monkeypatch):
     assert bias.grad is not None
     # bytes (the interpreter's host copies of kernel arguments are uint8 storages): below a quarter
     # of one float32 [N, V]
+    assert mode.largest < b * l * vocab * 4 // 4, f"{mode.op} made a tensor of {mode.largest} bytes"
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("loss", ["token_logprobs", "calm"])
+def test_no_n_by_v_tensor_token_logprobs_calm_with_the_new_options(loss, impl, monkeypatch):
+    """token_logprobs and calm_loss on [b, l, d] rows with ignore_index, softcaps and biases: every
+    tensor made in forward and backward stays far below [N, V]."""
+    b, l, vocab, d, num_chunks = 4, 16, 300, 8, 32          # 2 rows a chunk: chunk probabilities not clamped
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(b, l, d, generator=g, requires_grad=True)
+    w = (torch.randn(vocab, d, generator=g) / d ** 0.5).requires_grad_(True)
+    bias = torch.zeros(vocab, requires_grad=True)
+    th, tw = torch.randn(b, l, d, generator=g), torch.randn(vocab, d, generator=g) / d ** 0.5
+    targets = torch.randint(0, vocab, (b, l), generator=g)
+    targets[:, ::3] = -100
+    chunk = torch.arange(b * l).reshape(b, l) % num_chunks
+    monkeypatch.setenv("TIDE_CHUNK_BYTES", str(4 * vocab * 8))
+    with LargestTensor() as mode:
+        if loss == "token_logprobs":
+            out = tide.token_logprobs(h, w, targets, bias=bias, softcap=3.0, impl=impl)
+        else:
+            out = tide.calm_loss(h, w, targets, chunk, th, tw, targets.flip(0), chunk, num_chunks=num_chunks,
+                                 student_bias=bias, teacher_bias=torch.zeros(vocab), student_softcap=3.0,
+                                 teacher_softcap=3.0, reduction="none", impl=impl)
+        (out * torch.linspace(0.5, 1.5, out.numel()).view(out.shape)).sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
     assert mode.largest < b * l * vocab * 4 // 4, f"{mode.op} made a tensor of {mode.largest} bytes"
 
 
