@@ -41,6 +41,9 @@ setup(
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "trackio": ["trackio"],
+        # the opt-in real-vocabulary test tier (TIDE_SLOW_TESTS=1): transformers converts the GGUF
+        # vocabularies of the llama-cpp-python sdist with it (tests/real_tokenizers.py)
+        "real-tokenizers": ["gguf"],
     },
     # lm-eval has no plugin entry points: this is its command line with the model `tide` registered
     entry_points={"console_scripts": ["tide-lm-eval = tide.harness:main"]},

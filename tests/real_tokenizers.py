@@ -70,7 +70,9 @@ def models_folder() -> str:
                    and (m.name.endswith(".gguf") and "/ggml-vocab-" in m.name or "/templates/" in m.name)]
         for member in members:
             member.name = member.name[member.name.index(MODELS):]
-        archive.extractall(os.path.join(CACHE, "llama-cpp"), members=members, filter="data")
+        # the "data" filter refuses links and paths out of the folder (Python 3.10.12+ / 3.11.4+)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(os.path.join(CACHE, "llama-cpp"), members=members, **safe)
     return folder
 
 
@@ -85,8 +87,10 @@ def _pip_download(requirement: str, *options: str) -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *options, requirement, "-d", CACHE],
                        check=True, capture_output=True, timeout=900)
     except (subprocess.SubprocessError, OSError) as error:
-        _skip(f"cannot fetch {requirement} with pip download ({type(error).__name__}: "
-              f"{getattr(error, 'stderr', b'') or error!s:.200})")
+        # pip's last lines say why (its first ones are warnings about the index)
+        stderr = (getattr(error, "stderr", None) or b"").decode("utf-8", "replace").strip().splitlines()
+        why = " / ".join(stderr[-2:]) if stderr else str(error)
+        _skip(f"cannot fetch {requirement} with pip download ({type(error).__name__}: {why[-300:]})")
 
 
 def tekken_file() -> str:
@@ -150,6 +154,13 @@ def tekken_tokenizer(path: str):
     return tok
 
 
+def _nfc(tok) -> None:
+    """Qwen2's own tokenizer.json normalizes with NFC; the GGUF conversion drops it."""
+    from tokenizers import normalizers
+
+    tok.backend_tokenizer.normalizer = normalizers.NFC()
+
+
 @functools.lru_cache(maxsize=None)
 def tokenizer(name: str):
     """The real fast tokenizer `name` (a key of GGUF), with its real chat template where it has one."""
@@ -169,11 +180,12 @@ def tokenizer(name: str):
             tok = AutoTokenizer.from_pretrained(models, gguf_file=vocab)
         except Exception as error:  # pragma: no cover - depends on the transformers version
             _skip(f"transformers cannot convert {vocab}: {type(error).__name__}: {error!s:.200}")
+        if name == "qwen2":  # saved with it, so the folder is Qwen2's tokenizer for any reader
+            _nfc(tok)
         tok.save_pretrained(converted)
     tok = AutoTokenizer.from_pretrained(converted)
-    if name == "qwen2":  # Qwen2's own tokenizer.json normalizes with NFC; the GGUF conversion drops it
-        from tokenizers import normalizers
-        tok.backend_tokenizer.normalizer = normalizers.NFC()
+    if name == "qwen2":  # a folder cached before NFC was saved in it
+        _nfc(tok)
     tok.chat_template = template(chat_template) if chat_template else None
     if name == "llama2":
         tok.chat_template = MISTRAL_TEMPLATE
