@@ -582,3 +582,77 @@ def test_prepare_writes_arrow_examples_equal_to_the_dataset(tmp_path, chatml_bpe
         PreparedDataset(tmp_path / "chat_out", student_tokenizer=student, teacher_tokenizer=student)
     with pytest.raises(ValueError, match="mode 'cross'"):
         PreparedDataset(tmp_path / "chat_out", student_tokenizer=student, teacher_tokenizer=teacher, mode="aligned")
+
+
+
+# ChatML that refuses conversations whose roles do not alternate (as Mistral's and Llama-2's do)
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+TWO_QUESTIONS = [{"role": "user", "content": "q"}, {"role": "user", "content": "q again"},
+                 {"role": "assistant", "content": "a"}]
+
+
+def test_a_conversation_the_template_refuses_is_a_value_error_naming_the_example():
+    """jinja's TemplateError from the template's raise_exception was not a ValueError, so neither
+    the dataset nor `prepare` named the row that caused it."""
+    tokenizer = toks.with_template(toks.byte_bpe(), ALTERNATING_TEMPLATE)
+    assert chat_example(WITHOUT_SYSTEM, student_tokenizer=tokenizer).num_chunks == 0
+    with pytest.raises(ValueError, match=r"chat template of student_tokenizer refuses.*must alternate"):
+        chat_example(TWO_QUESTIONS, student_tokenizer=tokenizer)
+    dataset = DistillationDataset([WITHOUT_SYSTEM, TWO_QUESTIONS], student_tokenizer=tokenizer)
+    dataset[0]
+    with pytest.raises(ValueError, match=r"records\[1\].*refuses the conversation"):
+        dataset[1]
+
+
+def test_prepare_with_two_processes_writes_the_same_examples_as_one(tmp_path, chatml_bpe, system_unigram):
+    """`--num-proc 2` splits the rows between two processes (each loads the tokenizers itself):
+    the same rows, in the same order, as one process, over several map batches per process;
+    a bad row in the second process's half is named by its index in the whole file."""
+    import datasets
+
+    from tide.data import PreparedDataset, main as data_main
+
+    chatml_bpe.save_pretrained(tmp_path / "student")
+    system_unigram.save_pretrained(tmp_path / "teacher")
+    student = AutoTokenizer.from_pretrained(tmp_path / "student")
+    teacher = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    conversations = [WITH_SYSTEM, MULTI_TURN, WITHOUT_SYSTEM,
+                     [{"role": "user", "content": "x"}, {"role": "assistant", "content": " café 😀 한국어\n"}]]
+    chat = tmp_path / "chat.jsonl"  # 150 rows: more than one batch of 64 in each half
+    chat.write_text("\n".join(json.dumps({"messages": conversations[i % 4]}) for i in range(150)),
+                    encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    for name in ("a.txt", "b.md", "c.py"):
+        (tmp_path / "docs" / name).write_text(f"{name}: line one\nline two 漢字\n" * 240, encoding="utf-8")
+
+    def prepare(data, out, num_proc, student_folder="student"):
+        data_main(["prepare", "--data", str(data), "--student-tokenizer", str(tmp_path / student_folder),
+                   "--teacher-tokenizer", str(tmp_path / "teacher"), "--out", str(tmp_path / out),
+                   "--seq-len", "32", "--num-proc", str(num_proc)])
+        return tmp_path / out
+
+    for data, minimum in ((chat, 150), (tmp_path / "docs", 150)):
+        outs = [prepare(data, f"{data.name}_{num_proc}", num_proc) for num_proc in (1, 2)]
+        one, two = (datasets.load_from_disk(str(out)) for out in outs)
+        assert one.features == two.features
+        assert len(one) == len(two) >= minimum
+        assert one.to_list() == two.to_list()
+        metas = [json.loads((out / "tide_data.json").read_text()) for out in outs]
+        assert [m["num_proc"] for m in metas] == [1, 2]
+        assert ({k: v for k, v in metas[0].items() if k not in ("seconds", "num_proc")}
+                == {k: v for k, v in metas[1].items() if k not in ("seconds", "num_proc")})
+        prepared = [PreparedDataset(out, student_tokenizer=student, teacher_tokenizer=teacher,
+                                    student_max_length=32, teacher_max_length=40) for out in outs]
+        assert [prepared[0][i] for i in range(len(one))] == [prepared[1][i] for i in range(len(two))]
+        assert prepared[0].learnable_flags() == prepared[1].learnable_flags()
+    # a row the student's template refuses, in the second half: named by its index in the file
+    toks.with_template(chatml_bpe, ALTERNATING_TEMPLATE).save_pretrained(tmp_path / "alternating")
+    rows = [WITHOUT_SYSTEM] * 150
+    rows[120] = TWO_QUESTIONS
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"messages": m}) for m in rows), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.jsonl: records\[120\]: .*refuses the conversation"):
+        prepare(bad, "bad_2", 2, student_folder="alternating")

@@ -213,7 +213,13 @@ def render_chat(messages, tokenizer, name: str = "tokenizer") -> RenderedChat:
         return RenderedChat("".join(parts), spans)
 
     def apply(conversation):
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception as error:  # the template refuses this conversation (raise_exception, say):
+            if not type(error).__module__.startswith("jinja2"):  # a ValueError, so the example is named
+                raise
+            raise ValueError(f"the chat template of {name} refuses the conversation "
+                             f"({type(error).__name__}: {error})") from None
         if not isinstance(text, str):
             raise TypeError(f"{name}.apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
         return text
