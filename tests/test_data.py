@@ -487,6 +487,15 @@ def test_lone_surrogate_is_a_library_error_naming_the_example():
         chat_example([{"role": "assistant", "content": "\udfff"}], student_tokenizer=toks.byte_bpe())
 
 
+def test_lone_surrogate_escape_in_a_jsonl_file_names_the_file_and_row(tmp_path):
+    """JSON allows a lone `\\ud800` escape; datasets failed with a bare DatasetGenerationError."""
+    path = tmp_path / "surrogate.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}'
+    path.write_text(good + "\n" + good.replace('"hi"', '"x\\ud800"') + "\n")
+    with pytest.raises(ValueError, match=r"surrogate\.jsonl could not be read.*surrogate.*row 1"):
+        load_chat_dataset(str(path))
+
+
 def test_example_truncated_matches_building_with_max_lengths(chatml_bpe, system_unigram):
     full = chat_example(MULTI_TURN, student_tokenizer=chatml_bpe, teacher_tokenizer=system_unigram)
     for s_len, t_len in ((None, None), (10, None), (None, 25), (17, 30), (len(full.student_input_ids), 3)):

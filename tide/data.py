@@ -613,7 +613,14 @@ def load_chat_dataset(source, *, split: str = "train", messages_key: str = "mess
             raise ValueError(f"source {path!r} is not a file")
         _check_utf8_file(path)
         _check_not_blank(path)
-        dataset = datasets.load_dataset("json", data_files=path, split="train", **load_kwargs)
+        try:
+            dataset = datasets.load_dataset("json", data_files=path, split="train", **load_kwargs)
+        except datasets.exceptions.DatasetGenerationError as error:   # e.g. a lone surrogate escape
+            cause = error
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise ValueError(f"{path} could not be read as JSON/JSONL: {cause} (rows count from 0, "
+                             f"non-empty lines)") from error
         name = path
     elif isinstance(source, datasets.DatasetDict):
         if split not in source:
