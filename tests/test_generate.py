@@ -8,7 +8,7 @@ import torch
 
 from tide.demo import stdlib_text, train_tokenizer
 from tide.generate import BlockKVCache, _block_causal, _forward, generate, main, ragged_sdpa  # noqa: F401
-from tide.models import build_config, build_model
+from tide.models import MDLM, build_config, build_model
 
 V = 60
 MASK = V - 1
@@ -67,7 +67,8 @@ def test_cache_matches_full_rerun(arch, heads, kv_heads):
 
 
 @pytest.mark.parametrize("kind,options,kv_heads", [
-    ("bd3lm", {}, None), ("bd3lm", {"cache": False}, None), ("bd3lm", {"strategy": "threshold", "threshold": 0.2}, None),
+    ("bd3lm", {}, None), ("bd3lm", {"cache": False}, None),
+    ("bd3lm", {"strategy": "threshold", "threshold": 0.2}, None),
     ("bd3lm", {"strategy": "random"}, None), ("bd3lm", {"temperature": 1.0, "top_k": 8, "top_p": 0.9}, None),
     ("mdlm", {}, None), ("mdlm", {"block_size": 4, "steps": 2}, None), ("mdlm", {"temperature": 0.7}, None),
     ("bd3lm", {}, 1), ("bd3lm", {"cache": False}, 2), ("bd3lm", {"temperature": 1.0, "top_k": 8}, 2),
@@ -234,6 +235,159 @@ def test_bad_prompts():
         generate(model, [[1, V]], 4)
     with pytest.raises(TypeError, match="BD3LM or MDLM"):
         generate(model.decoder, [[1]], 4)
+
+
+# --------------------------------------------------------------------------- infill
+def reference_infill(model, prefix, n, suffix, steps):
+    """An independent, slow infill sampler on the training forward (greedy, "low_confidence"):
+    MDLM: `prefix + n masks + suffix`, every position sees every other. BD3LM: the same layout cut
+    at the end of the span's last block (later blocks are invisible by design); the span's blocks
+    are denoised in order, each on the four-rule forward `[x_t, x_0]`: it sees the clean earlier
+    blocks and its own block (prefix / suffix tokens there included). steps: 1 (every masked
+    position of a block at once) or None (one position per step, the most probable first)."""
+    seq = torch.tensor([prefix + [MASK] * n + suffix])
+    span = list(range(len(prefix), len(prefix) + n))
+    if model.kind == "bd3lm":
+        block = model.block_size
+        end = -(-(len(prefix) + n) // block) * block
+        seq = seq[:, :end]
+        if seq.shape[1] < end:                                 # the layout needs whole blocks: pad (never seen)
+            seq = torch.cat([seq, torch.ones(1, end - seq.shape[1], dtype=torch.long)], 1)
+        blocks = sorted({i // block for i in span})
+        groups = [[i for i in span if i // block == j] for j in blocks]
+    else:
+        groups = [span]
+    for group in groups:
+        while any(seq[0, i] == MASK for i in group):
+            with torch.no_grad():
+                x_0 = seq.masked_fill(seq == MASK, 0)          # x_t of a block only sees x_0 of earlier blocks
+                logits = model(seq, x_0)[0] @ model.lm_head_weight.T
+            logits[:, MASK] = float("-inf")
+            probs = logits.softmax(-1)
+            open_ = [i for i in group if seq[0, i] == MASK]
+            if steps == 1:
+                seq[0, open_] = probs[open_].argmax(-1)
+            else:
+                best = max(open_, key=lambda i: probs[i].max().item())
+                seq[0, best] = probs[best].argmax()
+    return seq[0, len(prefix):len(prefix) + n].tolist()
+
+
+INFILL_CASES = [  # (prefix, span length, suffix): blocks of 4
+    ([3, 4, 5, 6, 7], 2, [8, 9, 10, 11, 12, 13]),            # span and one suffix token in block 1
+    ([3, 4, 5], 6, [20, 21, 22, 23, 24]),                     # span over blocks 0-2, 3 suffix tokens in block 2
+    ([1, 2, 3, 4], 4, [30, 31]),                               # span = block 1 exactly: BD3LM sees no suffix
+    ([], 3, [5, 6, 7, 8, 9]),                                  # no prefix
+    ([9, 8, 7, 6, 5, 4, 3], 5, []),                            # no suffix
+]
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("bd3lm", None), ("mdlm", None), ("bd3lm", 2), ("mdlm", 1)])
+@pytest.mark.parametrize("steps", [1, None])
+def test_infill_is_exactly_the_reference_sampler_on_the_training_forward(kind, kv_heads, steps):
+    from tide.generate import infill
+    model = tiny(kind, heads=4 if kv_heads else 2, kv_heads=kv_heads)
+    want = [reference_infill(model, p, n, s, steps) for p, n, s in INFILL_CASES]
+    got = infill(model, [p for p, _, _ in INFILL_CASES], [n for _, n, _ in INFILL_CASES],
+                 [s for _, _, s in INFILL_CASES], steps=steps)
+    assert got == want
+    assert [len(g) for g in got] == [n for _, n, _ in INFILL_CASES] and all(MASK not in g for g in got)
+
+
+class ShiftMDLM(MDLM):
+    """A mock MDLM with a known answer: the logits at position i put all the mass on the token at
+    i + `shift` of its row (uniform logits when that is a mask or outside the row). The sampler's
+    only way to produce a span of `shift` tokens is then to read the `shift` tokens after it."""
+
+    def __init__(self, shift, scale=30.0):
+        super().__init__(tiny("mdlm", layers=1).decoder, MASK)
+        self.shift, self.scale = shift, scale
+        self.eye = torch.nn.Parameter(torch.eye(V), requires_grad=False)
+
+    @property
+    def lm_head_weight(self):
+        return self.eye
+
+    @property
+    def backbone(self):
+        model = self
+
+        def forward(input_ids, tide_groups, **kwargs):
+            hidden = torch.zeros(*input_ids.shape, V)
+            for a, z, _, _, _, k_len, _ in tide_groups:              # row a:z sees its first k_len keys
+                source = input_ids[a:z, model.shift:k_len]
+                hidden[a:z, :k_len - model.shift] = model.scale * torch.nn.functional.one_hot(source, V) * (
+                    source != MASK)[..., None]
+            return type("Out", (), {"last_hidden_state": hidden})()
+        return forward
+
+
+def test_mdlm_infill_reads_the_right_context_and_only_it_decides():
+    from tide.generate import infill
+    model = ShiftMDLM(shift=3)
+    prefixes = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10], []]
+    suffixes = [[11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21, 22, 23, 24], [25, 26, 27]]
+    assert infill(model, prefixes, 3, suffixes) == [s[:3] for s in suffixes]
+    assert infill(model, prefixes[::-1], 3, suffixes) == [s[:3] for s in suffixes]   # the prefix plays no part
+    assert infill(model, prefixes, 3, suffixes, block_size=1) == [s[:3] for s in suffixes]  # right to left no help
+    assert generate(model, prefixes, 3) == infill(model, prefixes, 3) == [[0, 0, 0]] * 4   # no right context
+
+
+@pytest.mark.parametrize("kind,options", [("bd3lm", {}), ("bd3lm", {"cache": False}), ("mdlm", {}),
+                                          ("mdlm", {"block_size": 4, "steps": 2})])
+def test_infill_without_a_suffix_is_generate(kind, options):
+    from tide.generate import infill
+    model = tiny(kind)
+    want = generate(model, PROMPTS, 9, **options)
+    assert infill(model, PROMPTS, 9, **options) == want
+    assert infill(model, PROMPTS, [9] * len(PROMPTS), [[]] * len(PROMPTS), **options) == want
+
+
+def test_bd3lm_infill_sees_the_suffix_in_the_spans_last_block_and_nothing_after_it():
+    from tide.generate import infill
+    model = tiny("bd3lm")
+    for prefix, n in (([3, 4, 5], 6), ([3, 4, 5, 6, 7], 2)):  # the span's last block: 8..11, 4..7
+        base = infill(model, [prefix], n, [[20, 21, 22, 23, 24, 25]])[0]
+        after = (-(len(prefix) + n)) % 4                          # suffix tokens inside the span's last block
+        assert infill(model, [prefix], n, [[20, 21, 22][:after] + [40, 41, 42, 43, 44]])[0] == base  # unseen
+    fills = {tuple(infill(model, [[3, 4, 5, 6, 7]], 2, [[t, 21, 22]])[0]) for t in range(1, 12)}
+    assert len(fills) > 1                                         # the suffix token in the block is seen
+
+
+@pytest.mark.parametrize("kind,options", [("bd3lm", {}), ("bd3lm", {"cache": False}), ("mdlm", {}),
+                                          ("bd3lm", {"temperature": 1.0, "top_k": 8}), ("mdlm", {"steps": 2})])
+def test_infill_a_row_alone_equals_it_inside_a_ragged_batch(kind, options):
+    from tide.generate import infill
+    model = tiny(kind, heads=4, kv_heads=2)
+    lengths = [1, 5, 3, 6, 2, 4, 7, 3]
+    suffixes = [[8, 9, 10][:i % 4] + [11] * (i % 3) for i in range(len(PROMPTS))]
+    batch = infill(model, PROMPTS, lengths, suffixes, seed=list(range(100, 108)), **options)
+    alone = [infill(model, [p], n, [s], seed=[100 + i], **options)[0]
+             for i, (p, n, s) in enumerate(zip(PROMPTS, lengths, suffixes))]
+    assert batch == alone and [len(b) for b in batch] == lengths
+    if kind == "bd3lm" and not options:
+        assert infill(model, PROMPTS, lengths, suffixes, cache=False) == batch
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda f, m: f(m, [[1], [2]], 0), ValueError, "span_lengths"),
+    (lambda f, m: f(m, [[1], [2]], [3]), ValueError, "span_lengths"),
+    (lambda f, m: f(m, [[1], [2]], [3, -1]), ValueError, "span_lengths"),
+    (lambda f, m: f(m, [[1], [2]], 2.5), ValueError, "span_lengths"),
+    (lambda f, m: f(m, [[1], [2]], 2, [[3]]), ValueError, "suffixes"),
+    (lambda f, m: f(m, [[1], [2]], 2, [[3], [4, MASK]]), ValueError, r"suffixes\[1\].*mask token"),
+    (lambda f, m: f(m, [[1], [2]], 2, [[V], [4]]), ValueError, r"suffixes\[0\]"),
+    (lambda f, m: f(m, [[1], [2]], 2, [3, 4]), TypeError, "suffixes"),
+    (lambda f, m: f(m, [[1], [MASK]], 2), ValueError, r"prefixes\[1\].*mask token"),
+    (lambda f, m: f(m, [], 2), ValueError, "prefixes must hold at least one"),
+    (lambda f, m: f(m, [1, 2], 2), TypeError, "prefixes"),
+    (lambda f, m: f(m, [[1]], 2, steps=0), ValueError, "steps"),
+    (lambda f, m: f(m, [[1]], 2, seed=[1, 2]), ValueError, "seed"),
+    (lambda f, m: f(m.decoder, [[1]], 2), TypeError, "BD3LM or MDLM")])
+def test_infill_bad_input_names_the_argument(bd3lm, call, error, match):
+    from tide.generate import infill
+    with pytest.raises(error, match=match):
+        call(infill, bd3lm)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,9 @@
     python -m tide.generate --checkpoint out/demo/student/checkpoint-300 --prompt "def " --prompt "class "
     python -m tide.generate --checkpoint DIR --prompts-file prompts.jsonl --batch-size 8 --threshold 0.9
 
-    from tide.generate import generate
+    from tide.generate import generate, infill
     new_ids = generate(model, [ids_a, ids_b], max_new_tokens=128)   # one list of new token ids per prompt
+    spans = infill(model, [before_a, before_b], [5, 3], [after_a, after_b])  # fill spans between known text
 
 BD3LM (block diffusion). The answer grows one block of `block_size` positions
 at a time, left to right. A block starts as the mask token wherever it is not
@@ -61,6 +62,16 @@ lengths (tested; this relies on matrix products whose row results do not depend 
 the row count, true for CPU BLAS from 4 rows up; GPU GEMMs choose kernels by shape, so
 there it holds only to rounding). Sampling draws from one generator per prompt
 (`seed`), so sampled outputs do not depend on the batch either.
+
+Infilling (`infill`). A row is `prefix + n masks + suffix`: the same samplers reveal
+the n masked positions, the known text on both sides fixed. An MDLM sees the whole
+suffix. A BD3LM sees what its attention allows: the clean earlier blocks, and the
+block being denoised, which holds the suffix's first tokens when the span ends inside
+a block (fixed, like the unmasked tokens of a noised block in training); suffix tokens
+in later blocks are invisible to a block-diffusion model by design (a block never sees
+later blocks), so they are dropped, and a span that ends on a block boundary gets no
+right context. Tests check both against a slow reference sampler written on the
+training forward.
 
 Hugging Face's own `model.generate()` decodes left to right, one token per call,
 with a causal mask: it is not a sampler for a diffusion LM. Use this module.
@@ -244,8 +255,12 @@ def _quota(remaining, n_steps, step):
 
 
 # --------------------------------------------------------------------------- the samplers
-def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generators):
-    """Each forward runs, per row, `[clean blocks not yet in the cache, the current block]` under the
+def _bd3lm(model, prompts, n_new, suffixes, block, steps, reveal, eos, use_cache, generators):
+    """Row i writes `n_new[i]` positions after `prompts[i]`; `suffixes[i]`: the clean tokens after
+    them (infill), of which the ones inside the last written block are placed there, fixed and seen
+    by that block (the rest lies in later blocks: never seen, dropped).
+
+    Each forward runs, per row, `[clean blocks not yet in the cache, the current block]` under the
     block-causal mask: with the cache that is the prompt's whole blocks at the first step, the block
     finished just before at the first step of each later block (its clean keys and values join the
     cache in the same call), and the current block alone otherwise; without the cache it is every
@@ -253,10 +268,13 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
     columns of every row."""
     device, mask_id = model.lm_head_weight.device, model.mask_token_id
     b = len(prompts)
-    n_blocks = [-(-(len(p) + n_new) // block) for p in prompts]     # blocks of each row at the end
+    n_blocks = [-(-(len(p) + n) // block) for p, n in zip(prompts, n_new)]  # blocks of each row at the end
     seq = torch.full((b, max(n_blocks) * block), mask_id, device=device)  # every row at its positions
-    for row, prompt in enumerate(prompts):
-        seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    for row, (prompt, n, suffix) in enumerate(zip(prompts, n_new, suffixes)):
+        seq[row, :len(prompt)] = torch.tensor(prompt, device=device, dtype=torch.long)
+        end = len(prompt) + n
+        suffix = suffix[:n_blocks[row] * block - end]              # the part inside the last block
+        seq[row, end:end + len(suffix)] = torch.tensor(suffix, device=device, dtype=torch.long)
     current = [len(p) // block for p in prompts]                   # the block each row is writing
     cached = [0] * b                                               # positions in the KV cache per row
     rows = list(range(b))                                          # batch slot -> prompt index
@@ -291,7 +309,7 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
         starts = [j * block for j in current]
         index = torch.tensor(starts, device=device)[:, None] + offsets   # [b, block] positions of the block
         cur = seq.gather(1, index)
-        ends = torch.tensor([len(prompts[row]) + n_new for row in rows], device=device)
+        ends = torch.tensor([len(prompts[row]) + n_new[row] for row in rows], device=device)
         wanted = index < ends[:, None]                             # past the answer: stays masked, unwritten
         open_ = (cur == mask_id) & wanted
         n_steps = open_.sum(1) if steps is None else open_.sum(1).clamp(max=steps)
@@ -308,7 +326,7 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
         for slot, (row, values) in enumerate(zip(rows, cur.tolist())):
             out[row] += values[max(len(prompts[row]) - starts[slot], 0):]
             current[slot] += 1
-            stopped = eos is not None and eos in out[row][:n_new]
+            stopped = eos is not None and eos in out[row][:n_new[row]]
             if current[slot] < n_blocks[row] and not stopped:
                 keep.append(slot)
         if len(keep) < len(rows):                                  # finished rows leave the batch
@@ -321,24 +339,28 @@ def _bd3lm(model, prompts, n_new, block, steps, reveal, eos, use_cache, generato
     return out
 
 
-def _mdlm(model, prompts, n_new, block, steps, reveal, eos, generators):
+def _mdlm(model, prompts, n_new, suffixes, block, steps, reveal, eos, generators):
+    """Row i: `prompts[i]`, `n_new[i]` masks, `suffixes[i]`, every position seeing every other; the
+    masks are revealed in blocks of `block` (default: the longest answer, i.e. one block)."""
     device, mask_id = model.lm_head_weight.device, model.mask_token_id
-    block = block or n_new
-    n_blocks = -(-n_new // block)
-    seq = torch.full((len(prompts), max(map(len, prompts)) + n_blocks * block), mask_id, device=device)
-    for row, prompt in enumerate(prompts):
-        seq[row, :len(prompt)] = torch.tensor(prompt, device=device)
+    block = block or max(n_new)
+    n_blocks = [-(-n // block) for n in n_new]
+    lengths = [len(p) + n + len(s) for p, n, s in zip(prompts, n_new, suffixes)]  # keys each row sees
+    width = max(max(len(p) + k * block, total) for p, k, total in zip(prompts, n_blocks, lengths))
+    seq = torch.full((len(prompts), width), mask_id, device=device)  # a cut last block's window fits
+    for row, (prompt, n, suffix) in enumerate(zip(prompts, n_new, suffixes)):
+        seq[row, :len(prompt)] = torch.tensor(prompt, device=device, dtype=torch.long)
+        seq[row, len(prompt) + n:lengths[row]] = torch.tensor(suffix, device=device, dtype=torch.long)
     rows = list(range(len(prompts)))
     offsets = torch.arange(block, device=device)
     out = [None] * len(prompts)
-    for j in range(n_blocks):
+    for j in range(max(n_blocks)):
         if not rows:
             break
-        lengths = [len(prompts[row]) + n_new for row in rows]
-        groups = [(a, z, 0, n, 0, n, None) for a, z, n in _runs(lengths)]
-        width = seq.shape[1]                                        # the cut last block's window fits
+        groups = [(a, z, 0, n, 0, n, None) for a, z, n in _runs([lengths[row] for row in rows])]
         index = torch.tensor([len(prompts[row]) + j * block for row in rows], device=device)[:, None] + offsets
-        in_answer = offsets < n_new - j * block                     # the last block may be cut
+        left = torch.tensor([n_new[row] - j * block for row in rows], device=device)
+        in_answer = offsets[None] < left[:, None]                   # the last block may be cut
         cur = seq.gather(1, index)
         open_ = (cur == mask_id) & in_answer
         n_steps = open_.sum(1) if steps is None else open_.sum(1).clamp(max=steps)
@@ -347,7 +369,7 @@ def _mdlm(model, prompts, n_new, block, steps, reveal, eos, generators):
             remaining = open_.sum(1)
             if not bool(remaining.any()):
                 break
-            hidden = _forward(model, seq[:, :width], torch.arange(width, device=device)[None], groups)
+            hidden = _forward(model, seq, torch.arange(width, device=device)[None], groups)
             hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
             reveal(hidden, cur, open_, _quota(remaining, n_steps, step), generators)
             seq.scatter_(1, index, cur)
@@ -355,9 +377,9 @@ def _mdlm(model, prompts, n_new, block, steps, reveal, eos, generators):
             open_ = (cur == mask_id) & in_answer
         keep = []
         for slot, row in enumerate(rows):
-            out[row] = seq[slot, len(prompts[row]):len(prompts[row]) + n_new].tolist()
+            out[row] = seq[slot, len(prompts[row]):len(prompts[row]) + n_new[row]].tolist()
             written = out[row][:(j + 1) * block]
-            if j + 1 < n_blocks and not (eos is not None and eos in written):
+            if j + 1 < n_blocks[row] and not (eos is not None and eos in written):
                 keep.append(slot)
         if len(keep) < len(rows):
             rows = [rows[s] for s in keep]
@@ -406,6 +428,74 @@ def check_options(max_new_tokens=64, block_size=None, steps=None, strategy="low_
         raise _bad("top_p", "None, or a number in (0, 1] with temperature > 0 (greedy has no top-p)", top_p)
 
 
+def _check_model(model) -> None:
+    from tide.models import BD3LM, MDLM
+
+    if not isinstance(model, (BD3LM, MDLM)):  # custom-code teachers run their own attention code
+        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models.build_model / load_model over a "
+                        f"Hugging Face decoder), got {type(model).__name__}")
+
+
+def _token_lists(model, lists, name: str, noun: str, allow_empty_list: bool = False) -> list[list[int]]:
+    """`lists` (a list of lists of token ids; `name` its plural, `noun` one of them) checked, as lists:
+    TypeError / ValueError naming `name`."""
+    if isinstance(lists, (str, bytes)) or not isinstance(lists, Sequence) or torch.is_tensor(lists):
+        raise TypeError(f"{name} must be a list of {name}, each a list of token ids; got {type(lists).__name__}")
+    if len(lists) == 0 and not allow_empty_list:
+        raise ValueError(f"{name} must hold at least one {noun}, got an empty list")
+    if any(_is_int(x) for x in lists):
+        raise TypeError(f"{name} must be a list of {name}, each a list of token ids (for one {noun} pass [ids]); "
+                        "got a flat list of ints")
+    vocab = model.vocab_size
+    lists = [list(x) for x in lists]
+    for i, ids in enumerate(lists):
+        if not all(_is_int(t) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"{name}[{i}] must hold token ids in [0, {vocab}), got {ids}")
+        if model.mask_token_id in ids:
+            raise ValueError(f"{name}[{i}] holds the mask token id {model.mask_token_id}: a {noun} is clean text")
+    return lists
+
+
+def _seeds(seed, n: int) -> list[int]:
+    seeds = [seed + i for i in range(n)] if _is_int(seed) else list(seed) if isinstance(seed, Sequence) else None
+    if seeds is None or len(seeds) != n or not all(map(_is_int, seeds)):
+        raise _bad("seed", f"an int or one int per row ({n})", seed)
+    return seeds
+
+
+def _sample(model, prefixes, n_new, suffixes, *, block_size, steps, strategy, threshold, temperature, top_k, top_p,
+            eos_token_id, seeds, cache) -> list[list[int]]:
+    """The checked rows through the sampler of the model's kind, in the caller's order."""
+    # rows sorted so that rows attending alike are neighbours, one attention call per group: BD3LM by
+    # prefix length (the same blocks), MDLM by the length of the whole row (the same keys)
+    if model.kind == "bd3lm":
+        block_size = block_size or model.block_size
+        lengths = [len(p) for p in prefixes]
+    else:
+        lengths = [len(p) + n + len(s) for p, n, s in zip(prefixes, n_new, suffixes)]
+    order = sorted(range(len(prefixes)), key=lengths.__getitem__)
+    device = model.lm_head_weight.device
+    generators = None
+    if temperature > 0 or strategy == "random":
+        generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in order]
+    reveal = _Reveal(model.lm_head_weight, model.mask_token_id, strategy, threshold, temperature, top_k, top_p)
+    rows = ([prefixes[i] for i in order], [n_new[i] for i in order], [suffixes[i] for i in order])
+    _register_attention()
+    previous = model.attn_implementation
+    model.decoder.set_attn_implementation(RAGGED_ATTENTION)
+    try:
+        if model.kind == "bd3lm":
+            new = _bd3lm(model, *rows, block_size, steps, reveal, eos_token_id, cache, generators)
+        else:
+            new = _mdlm(model, *rows, block_size, steps, reveal, eos_token_id, generators)
+    finally:
+        model.decoder.set_attn_implementation(previous)
+    outputs = [None] * len(prefixes)
+    for i, ids in zip(order, new):
+        outputs[i] = ids[:n_new[i]]
+    return outputs
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, block_size: int | None = None,
              steps: int | None = None, strategy: str = "low_confidence", threshold: float | None = None,
@@ -423,59 +513,58 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
     temperature: 0 = greedy; > 0 samples (after `top_k`, `top_p`) from one generator per prompt,
         seeded `seed + i` for prompt i (or `seed[i]` when `seed` is a list).
     cache: BD3LM block KV cache (MDLM has none: every position sees every other).
+    To fill a span with text on both sides, see `infill`.
     """
-    from tide.models import BD3LM, MDLM
-
-    if not isinstance(model, (BD3LM, MDLM)):  # custom-code teachers run their own attention code
-        raise TypeError(f"model must be a tide BD3LM or MDLM (tide.models.build_model / load_model over a "
-                        f"Hugging Face decoder), got {type(model).__name__}")
+    _check_model(model)
     check_options(max_new_tokens, block_size, steps, strategy, threshold, temperature, top_k, top_p)
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or torch.is_tensor(prompts):
-        raise TypeError(f"prompts must be a list of prompts, each a list of token ids; got {type(prompts).__name__}")
-    if len(prompts) == 0:
-        raise ValueError("prompts must hold at least one prompt, got an empty list")
-    if any(_is_int(p) for p in prompts):
-        raise TypeError("prompts must be a list of prompts, each a list of token ids (for one prompt pass [ids]); "
-                        "got a flat list of ints")
-    vocab = model.vocab_size
-    prompts = [list(p) for p in prompts]
-    for i, prompt in enumerate(prompts):
-        if not all(_is_int(t) and 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompts[{i}] must hold token ids in [0, {vocab}), got {prompt}")
-        if model.mask_token_id in prompt:
-            raise ValueError(f"prompts[{i}] holds the mask token id {model.mask_token_id}: a prompt is clean text")
-    if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < vocab):
-        raise _bad("eos_token_id", f"None or a token id in [0, {vocab})", eos_token_id)
-    seeds = [seed + i for i in range(len(prompts))] if _is_int(seed) else list(seed)
-    if len(seeds) != len(prompts) or not all(map(_is_int, seeds)):
-        raise _bad("seed", f"an int or one int per prompt ({len(prompts)})", seed)
-    if model.kind == "bd3lm":
-        block_size = block_size or model.block_size
+    prompts = _token_lists(model, prompts, "prompts", "prompt")
+    if eos_token_id is not None and (not _is_int(eos_token_id) or not 0 <= eos_token_id < model.vocab_size):
+        raise _bad("eos_token_id", f"None or a token id in [0, {model.vocab_size})", eos_token_id)
+    seeds = _seeds(seed, len(prompts))
+    outputs = _sample(model, prompts, [max_new_tokens] * len(prompts), [[] for _ in prompts], block_size=block_size,
+                      steps=steps, strategy=strategy, threshold=threshold, temperature=temperature, top_k=top_k,
+                      top_p=top_p, eos_token_id=eos_token_id, seeds=seeds, cache=cache)
+    return [ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids for ids in outputs]
 
-    # rows sorted by length: rows of equal length are neighbours, one attention call per group
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    device = model.lm_head_weight.device
-    generators = None
-    if temperature > 0 or strategy == "random":
-        generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in order]
-    reveal = _Reveal(model.lm_head_weight, model.mask_token_id, strategy, threshold, temperature, top_k, top_p)
-    sorted_prompts = [prompts[i] for i in order]
-    _register_attention()
-    previous = model.attn_implementation
-    model.decoder.set_attn_implementation(RAGGED_ATTENTION)
-    try:
-        if model.kind == "bd3lm":
-            new = _bd3lm(model, sorted_prompts, max_new_tokens, block_size, steps, reveal, eos_token_id, cache,
-                         generators)
-        else:
-            new = _mdlm(model, sorted_prompts, max_new_tokens, block_size, steps, reveal, eos_token_id, generators)
-    finally:
-        model.decoder.set_attn_implementation(previous)
-    outputs = [None] * len(prompts)
-    for i, ids in zip(order, new):
-        ids = ids[:max_new_tokens]
-        outputs[i] = ids[:ids.index(eos_token_id)] if eos_token_id in ids else ids
-    return outputs
+
+@torch.no_grad()
+def infill(model, prefixes: Sequence[Sequence[int]], span_lengths: int | Sequence[int],
+           suffixes: Sequence[Sequence[int]] | None = None, *, block_size: int | None = None,
+           steps: int | None = None, strategy: str = "low_confidence", threshold: float | None = None,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | Sequence[int] = 0, cache: bool = True) -> list[list[int]]:
+    """Fill masked spans between known text: row i is `prefixes[i] + span_lengths[i] masks +
+    suffixes[i]` (token ids); returns the `span_lengths[i]` tokens written into each span.
+
+    What the model sees of the right context (`suffixes`):
+    - MDLM: all of it (every position sees every other, as in training).
+    - BD3LM: only the suffix tokens that fall inside the span's last block (positions counted from
+      the prefix's first token, blocks of `block_size`): they sit in the block being denoised, clean
+      and fixed, exactly as unmasked tokens of a noised block in training. Tokens in later blocks are
+      invisible to a block-diffusion model by design (a block sees only earlier blocks and itself) and
+      are dropped. A span that ends on a block boundary sees no right context at all.
+    The span's positions are revealed as in `generate` (same `block_size`, `steps`, `strategy`,
+    `threshold`, `temperature`, `top_k`, `top_p`, `seed`, `cache`; MDLM's default block is the whole
+    span). With no suffixes (or empty ones) and equal span lengths this is `generate` without EOS.
+    span_lengths: an int >= 1 for every row, or one per row.
+    """
+    _check_model(model)
+    prefixes = _token_lists(model, prefixes, "prefixes", "prefix")
+    lengths = [span_lengths] * len(prefixes) if _is_int(span_lengths) else span_lengths
+    if (isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence) or len(lengths) != len(prefixes)
+            or not all(_is_int(n) and n >= 1 for n in lengths)):
+        raise _bad("span_lengths", f"an int >= 1 or one int >= 1 per prefix ({len(prefixes)})", span_lengths)
+    lengths = list(lengths)
+    check_options(max(lengths), block_size, steps, strategy, threshold, temperature, top_k, top_p)
+    if suffixes is None:
+        suffixes = [[] for _ in prefixes]
+    suffixes = _token_lists(model, suffixes, "suffixes", "suffix", allow_empty_list=True)
+    if len(suffixes) != len(prefixes):
+        raise _bad("suffixes", f"None or one list of token ids per prefix ({len(prefixes)})", f"{len(suffixes)} lists")
+    seeds = _seeds(seed, len(prefixes))
+    return _sample(model, prefixes, lengths, suffixes, block_size=block_size, steps=steps, strategy=strategy,
+                   threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=None,
+                   seeds=seeds, cache=cache)
 
 
 # --------------------------------------------------------------------------- command line
