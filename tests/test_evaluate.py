@@ -253,18 +253,24 @@ def test_cli_bad_arguments_name_the_argument(tok, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- infill
 def oracle_sampler(texts, span_chars, tokenizer, wrong=False):
-    """Stands in for tide.generate.generate: writes the true span (or the mask token: all wrong)."""
-    def fill(model, prompts, max_new_tokens, **options):
+    """Stands in for tide.generate.infill: writes the true span (or the mask token: all wrong), after
+    checking that the text after the span is given as the right context (`given`: per span, whether any)."""
+    given = []
+
+    def fill(model, prefixes, span_lengths, suffixes, **options):
         assert options["temperature"] == 0.0
         out = []
-        for context_ids in prompts:
+        for context_ids, n, suffix_ids in zip(prefixes, span_lengths, suffixes):
             context = tokenizer.decode(context_ids)
             text = next(t for t in texts if context in t)
             start = text.index(context) + len(context)
             ids = tokenizer(text[start:start + span_chars], add_special_tokens=False)["input_ids"]
-            assert len(ids) == max_new_tokens
+            assert len(ids) == n
+            assert text[start + span_chars:].lstrip().startswith(tokenizer.decode(suffix_ids).strip())
+            given.append(bool(suffix_ids))
             out.append([tokenizer.convert_tokens_to_ids(MASK)] * len(ids) if wrong else ids)
         return out
+    fill.given = given
     return fill
 
 
@@ -277,11 +283,13 @@ def test_infill_scores_a_perfect_fill_as_one_on_any_tokenizer(tokenizer_name, mo
     tokenizer = tok_with_mask(ALL[tokenizer_name]())
     texts = [t[:600] for t in training_text()[1:4]]
     model = tiny(tokenizer, "bd3lm")
-    monkeypatch.setattr(tide.generate, "generate", oracle_sampler(texts, 12, tokenizer))
+    oracle = oracle_sampler(texts, 12, tokenizer)
+    monkeypatch.setattr(tide.generate, "infill", oracle)
     result = infill(model, texts, tokenizer=tokenizer, spans=10, span_chars=12, progress=False)
+    assert len(oracle.given) == 10 and sum(oracle.given) >= 8           # right context (BD3LM: unless aligned out)
     assert (result.char_accuracy, result.token_accuracy, result.exact_match) == (1.0, 1.0, 1.0)
     assert result.chars == 120 and result.tokens >= 10
-    monkeypatch.setattr(tide.generate, "generate", oracle_sampler(texts, 12, tokenizer, wrong=True))
+    monkeypatch.setattr(tide.generate, "infill", oracle_sampler(texts, 12, tokenizer, wrong=True))
     wrong = infill(model, texts, tokenizer=tokenizer, spans=10, span_chars=12, progress=False)
     assert (wrong.token_accuracy, wrong.exact_match) == (0.0, 0.0) and wrong.char_accuracy < 0.2
 
@@ -311,6 +319,44 @@ def test_infill_with_the_real_sampler(tok, kind):
     a = infill(model, texts, tokenizer=tok, spans=4, span_chars=10, seed=1, progress=False)
     assert 0.0 <= a.char_accuracy <= 1.0 and 0.0 <= a.token_accuracy <= 1.0 and a.spans == 4
     assert a == infill(model, texts, tokenizer=tok, spans=4, span_chars=10, seed=1, batch_size=1, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
+def test_infill_gives_each_model_kind_the_context_it_can_see(tok, kind, monkeypatch):
+    """The window of seq_len tokens around each span: MDLM gets text on both sides (the prefix at
+    least half of what the span leaves when both sides are long); BD3LM keeps the prefix's block
+    alignment (whole blocks cut off its front: the span sits in its blocks as in the text read from
+    its start), gives up at most block - 1 prefix tokens for it, and gets the suffix after the span."""
+    import tide.generate
+    from tide.evaluate import infill, infill_spans
+    texts = [t[:700] for t in training_text()[1:4]]
+    model, seq_len, block = tiny(tok, kind, block=8), 32, 8
+    calls = []
+
+    def spy(model, prefixes, span_lengths, suffixes, **options):
+        calls.extend(zip(prefixes, span_lengths, suffixes))
+        return [[0] * n for n in span_lengths]
+
+    monkeypatch.setattr(tide.generate, "infill", spy)
+    infill(model, texts, tokenizer=tok, spans=12, span_chars=10, seed=2, seq_len=seq_len, batch_size=5, progress=False)
+    assert len(calls) == 12
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    both_long = 0
+    for (text, start, end), (prefix, n, suffix) in zip(infill_spans(texts, 12, 10, 2), calls):
+        full_prefix, full_suffix = ids(texts[text][:start]), ids(texts[text][end:])
+        assert n == len(ids(texts[text][start:end])) and len(prefix) + n + len(suffix) <= seq_len
+        assert prefix == full_prefix[len(full_prefix) - len(prefix):] and suffix == full_suffix[:len(suffix)]
+        assert suffix or kind == "bd3lm" and len(prefix) + n == seq_len  # the right context, where it fits
+        room = seq_len - n
+        if kind == "mdlm":
+            assert len(prefix) == len(full_prefix) or len(prefix) >= room // 2
+            assert len(prefix) + len(suffix) == min(room, len(full_prefix) + len(full_suffix))
+        else:
+            assert len(prefix) % block == len(full_prefix) % block
+            assert len(prefix) == len(full_prefix) or len(prefix) > room - block
+            assert len(suffix) == min(seq_len - len(prefix) - n, len(full_suffix))
+        both_long += len(full_prefix) > room and len(full_suffix) > room
+    assert both_long                                                    # the cut was exercised
 
 
 def test_infill_bad_input(tok):

@@ -421,21 +421,50 @@ def _record_texts(records) -> list[str]:
     return texts
 
 
+def _infill_window(kind: str, block: int | None, prefix: list, n: int, suffix: list, seq_len: int):
+    """The context of a span of n tokens inside `seq_len` tokens: `(prefix tail, suffix head)`.
+
+    MDLM (sees both sides): the prefix keeps at least half of the `seq_len - n` other tokens when the
+    text after is long enough to use the rest, and the suffix takes what the prefix leaves.
+    BD3LM: whole blocks are cut off the front of the prefix, so the span sits in its blocks as it does
+    in the text read from its start (as in training windows, which start on block boundaries), at the
+    cost of at most `block - 1` prefix tokens; the suffix fills the rest of the window (the sampler
+    uses only its part inside the span's last block)."""
+    room = seq_len - n
+    if kind == "mdlm":
+        keep = min(len(prefix), max(room // 2, room - len(suffix)))
+    else:
+        keep = len(prefix) - block * -(-max(0, len(prefix) - room) // block)
+        if keep < 0:  # room < the prefix's offset in its block: no aligned cut fits
+            keep = min(len(prefix), room)
+    return prefix[len(prefix) - keep:], suffix[:room - keep]
+
+
 @torch.no_grad()
 def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, seed: int = 0,
            steps: int | None = None, seq_len: int | None = None, batch_size: int = 8,
            progress: bool = True) -> InfillResult:
-    """Mask random character spans of held-out text and fill them with `tide.generate` (greedy).
+    """Mask random character spans of held-out text and fill them with `tide.generate.infill` (greedy),
+    the text on both sides of each span given where the model can see it.
 
-    Each span (`infill_spans`: the same spans for every tokenizer) is tokenized on its own
-    (n tokens); the model gets the text before it (its last `seq_len - n` tokens) and writes
-    n tokens. Block diffusion writes left to right, so the text after the span is not given.
-    The fill is decoded as the continuation of the decoded context and compared with the
-    span character by character (`char_accuracy`, comparable across tokenizers) and token by
-    token against the span's own tokens (`token_accuracy`). Chat data: assistant contents.
-    steps: denoising steps per block (default one per token); batch_size: spans per generate call.
+    Each span (`infill_spans`: the same spans for every tokenizer) is tokenized on its own (n tokens),
+    as are the text before it and the text after it; the model gets a window of `seq_len` tokens,
+    `prefix + n masks + suffix`, and writes the n tokens. What each model kind sees:
+    - MDLM (bidirectional): the text before and after the span, the prefix taking at least half of
+      the `seq_len - n` other tokens when both sides are long.
+    - BD3LM (block diffusion): the clean blocks before the span's blocks, the prefix and suffix tokens
+      inside the blocks being denoised, and nothing after the span's last block: later blocks are
+      invisible to a block-diffusion model by design, so the right context is the few suffix tokens
+      sharing the span's last block (none when the span ends on a block boundary). The window cuts
+      whole blocks off the prefix's front, so the span's place in its blocks is the one it has in the
+      text read from its start (as in training).
+    The fill is decoded as the continuation of the decoded prefix and compared with the span character
+    by character (`char_accuracy`, comparable across tokenizers) and token by token against the span's
+    own tokens (`token_accuracy`). Chat data: assistant contents.
+    steps: denoising steps per block (default one per token); batch_size: spans per sampler call
+    (the result does not depend on it).
     """
-    from tide.generate import generate
+    import tide.generate
 
     _check_int("spans", spans)
     _check_int("span_chars", span_chars)
@@ -447,38 +476,37 @@ def infill(model, data, *, tokenizer, spans: int = 64, span_chars: int = 24, see
     records = _records(data)
     texts = _record_texts(records)
     chosen = infill_spans(texts, spans, span_chars, seed)
-    items = []  # (context ids, span ids, span text)
+    items = []  # (prefix ids, span ids, suffix ids, span text)
     for text_index, start, end in chosen:
         text = texts[text_index]
         truth_ids = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
         if len(truth_ids) >= seq_len:
             raise ValueError(f"span_chars={span_chars} gives spans of {len(truth_ids)} tokens, not less than "
                              f"seq_len={seq_len}")
-        context_ids = tokenizer(text[:start], add_special_tokens=False)["input_ids"][-(seq_len - len(truth_ids)):]
-        items.append((context_ids, truth_ids, text[start:end]))
+        before = tokenizer(text[:start], add_special_tokens=False)["input_ids"]
+        after = tokenizer(text[end:], add_special_tokens=False)["input_ids"]
+        prefix, suffix = _infill_window(model.kind, model.block_size, before, len(truth_ids), after, seq_len)
+        items.append((prefix, truth_ids, suffix, text[start:end]))
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(items), desc=f"infill ({model.kind})", dynamic_ncols=True, file=sys.stderr)
     right_chars = right_tokens = all_tokens = exact = 0
-    by_length = {}  # spans of n tokens are filled together, batch_size at a time (generate is batch-invariant)
-    for item in items:
-        by_length.setdefault(len(item[1]), []).append(item)
-    for n, group in sorted(by_length.items()):
-        for first in range(0, len(group), batch_size):
-            chunk = group[first:first + batch_size]
-            fills = generate(model, [context for context, _, _ in chunk], n, steps=steps, temperature=0.0)
-            for (context_ids, truth_ids, truth), filled in zip(chunk, fills):
-                context_text = tokenizer.decode(context_ids)
-                full_text = tokenizer.decode(context_ids + list(filled))
-                fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
-                             else tokenizer.decode(filled))
-                right_chars += sum(a == b for a, b in zip(fill_text, truth))
-                right_tokens += sum(a == b for a, b in zip(filled, truth_ids))
-                all_tokens += len(truth_ids)
-                exact += fill_text[:len(truth)] == truth
-            if bar is not None:
-                bar.update(len(chunk))
+    for first in range(0, len(items), batch_size):  # the sampler is batch-invariant: any chunks give the same
+        chunk = items[first:first + batch_size]
+        fills = tide.generate.infill(model, [prefix for prefix, _, _, _ in chunk], [len(t) for _, t, _, _ in chunk],
+                                     [suffix for _, _, suffix, _ in chunk], steps=steps, temperature=0.0)
+        for (prefix, truth_ids, _, truth), filled in zip(chunk, fills):
+            context_text = tokenizer.decode(prefix)
+            full_text = tokenizer.decode(prefix + list(filled))
+            fill_text = (full_text[len(context_text):] if full_text.startswith(context_text)
+                         else tokenizer.decode(filled))
+            right_chars += sum(a == b for a, b in zip(fill_text, truth))
+            right_tokens += sum(a == b for a, b in zip(filled, truth_ids))
+            all_tokens += len(truth_ids)
+            exact += fill_text[:len(truth)] == truth
+        if bar is not None:
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return InfillResult(char_accuracy=right_chars / (spans * span_chars), token_accuracy=right_tokens / all_tokens,
@@ -502,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the result (and the arguments) to this file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     parser.add_argument("--infill", type=int, default=0, metavar="SPANS",
-                        help="also fill this many random spans with tide.generate and report their accuracy")
+                        help="also fill this many random spans with tide.generate.infill (the text on both "
+                             "sides, as far as the model kind sees it) and report their accuracy")
     parser.add_argument("--span-chars", type=int, default=24, help="characters per infill span")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
