@@ -173,18 +173,72 @@ def test_resume_after_sigkill_is_bit_exact(assets, tmp_path):
     assert trajectory("cut") == trajectory("full")
 
 
+TEACHER_SNAPSHOT = textwrap.dedent("""
+    # tide.train's main, then each rank saves what it holds of the frozen teacher after training
+    import os, sys, torch
+    import tide.train as train
+    from torch.distributed.tensor import DTensor
+    seen, load = {}, train.load_teacher
+    def loading(*args, **kwargs):
+        seen["teacher"] = teacher = load(*args, **kwargs)
+        return teacher
+    train.load_teacher = loading
+    train.main(sys.argv[1:])
+    teacher = seen["teacher"]
+    layers = {id(p) for p in teacher.layers.parameters()}
+    held = {name: dict(in_layers=id(p) in layers, dtensor=isinstance(p, DTensor),
+                       placements=[(type(x).__name__, getattr(x, "dim", None), p.device_mesh.size())
+                                   for x in p.placements] if isinstance(p, DTensor) else None,
+                       local=(p.to_local() if isinstance(p, DTensor) else p).detach().clone())
+            for name, p in teacher.named_parameters()}
+    held["lm_head_weight"] = dict(in_layers=False, dtensor=isinstance(teacher.lm_head_weight, DTensor),
+                                  placements=None, local=teacher.lm_head_weight.detach().clone())
+    torch.save(held, os.path.join(os.environ["SNAPSHOT_DIR"], f"rank{os.environ['RANK']}.pt"))
+""")
+
+
+def check_teacher_sharding(snapshots: dict, teacher_dir: str, sharded: bool) -> None:
+    """FSDP: every parameter of the teacher's layers is a DTensor Shard(0) on each rank, the ranks
+    hold disjoint halves (each one a part, not a copy) that together are the checkpoint's weight;
+    embeddings, final norm and LM head are whole on each rank. DDP: all whole (replicated)."""
+    saved = load_file(os.path.join(teacher_dir, "model.safetensors"))
+    rank0, rank1 = snapshots[0], snapshots[1]
+    assert rank0.keys() == rank1.keys()
+    in_layers = [name for name in rank0 if rank0[name]["in_layers"]]
+    assert in_layers and any("layers.0." in name for name in in_layers), sorted(rank0)
+    for name in rank0:
+        full = saved[name.removeprefix("decoder.")] if name != "lm_head_weight" else \
+            saved.get("lm_head.weight", saved["model.embed_tokens.weight"])  # tied to the embeddings
+        a, b = rank0[name], rank1[name]
+        if sharded and a["in_layers"]:
+            assert a["dtensor"] and b["dtensor"], f"{name} is not sharded after training"
+            assert a["placements"] == b["placements"] == [("Shard", 0, 2)], (name, a["placements"])
+            assert 0 < a["local"].shape[0] < full.shape[0] and 0 < b["local"].shape[0] < full.shape[0], name
+            assert torch.equal(torch.cat([a["local"], b["local"]]), full), name   # two halves, not two copies
+        else:  # whole on each rank
+            assert not a["dtensor"] and not b["dtensor"], name
+            assert torch.equal(a["local"], full) and torch.equal(b["local"], full), name
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(assets, tmp_path, parallel):
-    """DDP, and FSDP2 (fully_shard on CPU/gloo), against one process with grad accumulation."""
+    """DDP, and FSDP2 (fully_shard on CPU/gloo), against one process with grad accumulation; under
+    FSDP the frozen teacher's layers stay sharded across the two ranks through training."""
     kw = {"method": "tidal", "compdemo": "true", "teacher": assets["mdlm"], "data": assets["data"],
           "student-tokenizer": assets["tok_teacher"], "max-steps": 4, "batch-size": 2, "save-interval": 100}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tide importable from the script's folder
+    env = dict(os.environ, OMP_NUM_THREADS="1", SNAPSHOT_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     single = tiny(tmp_path / "one", **kw) + ["--grad-accum", "2"]
     subprocess.run([sys.executable, "-m", "tide.train"] + single, check=True, env=env, capture_output=True)
+    (tmp_path / "snapshot.py").write_text(TEACHER_SNAPSHOT)
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "tide.train"] + tiny(tmp_path / "two", **kw) + ["--parallel", parallel]
+           str(tmp_path / "snapshot.py")] + tiny(tmp_path / "two", **kw) + ["--parallel", parallel]
     out = subprocess.run(ddp, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
+    first_error = out.stderr[max(out.stderr.find("Traceback"), 0):][:3000]  # a rank's own traceback, if any
+    assert out.returncode == 0, first_error + "\n...\n" + out.stderr[-1500:]
+    snapshots = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)}
+    check_teacher_sharding(snapshots, assets["mdlm"], sharded=parallel == "fsdp")
 
     def losses(name):
         with open(tmp_path / name / "metrics.jsonl") as fh:

@@ -606,12 +606,17 @@ def shard_frozen(model: nn.Module, device) -> None:
     """FSDP2 `fully_shard` on each layer of the frozen teacher: every rank holds 1/world of the layer
     weights and gathers one layer at a time in forward. Embeddings, final norm and LM head stay whole
     on every rank (the fused loss reads the head weight directly): moved to `device` here; the layers
-    are moved by fully_shard."""
+    are moved by fully_shard.
+
+    `reshard_after_forward=True` is explicit: no FSDP module wraps the whole teacher, so each layer is
+    its own FSDP root, and FSDP2 keeps a root's parameters gathered after forward when the option is
+    left to its default (for the backward that would follow; a frozen teacher has none). With the
+    default, every layer stayed whole on every rank from the first step on: a replicated teacher."""
     from torch.distributed.fsdp import fully_shard
     layers = model.layers
     inside = {id(m) for m in layers.modules()}
     for layer in layers:
-        fully_shard(layer)
+        fully_shard(layer, reshard_after_forward=True)
     moved = set()
     for module in model.modules():
         if id(module) in inside:
