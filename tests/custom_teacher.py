@@ -7,6 +7,12 @@ module layout unlike transformers' (`net.tok`, `net.blocks[i].mix`, `net.norm_ou
 head and applied to the pre-norm states: the adapter's guess picks it, the probe catches
 the wrong pairing, and naming `net.proj` fixes it. `logit_scale != 1` makes its logits differ from `hidden @ proj.weight.T` (as a model
 that scales or soft-caps its logits does): the adapter's load-time probe must refuse it.
+
+`block_diffusion=True` writes the block-diffusion kind instead (SDAR / WeDLM style, run with
+`--teacher-kind bd3lm`): its forward takes `input_ids [b, 2L]`, a 4-D boolean attention mask
+`[b, 1, 2L, 2L]` (True = attend, used as given: the model has no mask rule of its own) and
+`position_ids` (its positional embedding is read at those positions, so both halves of
+`[x_t, x_0]` get positions 0..L-1), and it returns a ModelOutput with `.logits`.
 """
 import json
 import os
@@ -80,9 +86,29 @@ class TinyDLM(PreTrainedModel):
         return self.net.proj(self.net.norm_out(x)) * self.config.logit_scale
 '''
 
+# the block-diffusion kind: the same blocks; a forward with a 4-D mask and position_ids; a ModelOutput
+_FORWARD_HEAD = '''    def forward(self, input_ids, attention_mask=None):
+        x = self.net.tok(input_ids) + self.net.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]'''
+_BLOCK_FORWARD_HEAD = '''    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        x = self.net.tok(input_ids) + self.net.pos(position_ids)
+        if attention_mask is None or attention_mask.dim() == 4:   # [b, 1, q, k], True = attend
+            keep = attention_mask
+        else:                                                    # [b, k] padding
+            keep = attention_mask.bool()[:, None, None, :]'''
+_RETURN = "        return self.net.proj(self.net.norm_out(x)) * self.config.logit_scale"
+_IMPORT = "from transformers import PreTrainedModel"
+assert all(part in MODELING for part in (_FORWARD_HEAD, _RETURN, _IMPORT))
+MODELING_BLOCK = (MODELING.replace(_FORWARD_HEAD, _BLOCK_FORWARD_HEAD)
+                  .replace(_RETURN, "        return CausalLMOutput(logits=self.net.proj(self.net.norm_out(x)) "
+                                    "* self.config.logit_scale)")
+                  .replace(_IMPORT, _IMPORT + "\nfrom transformers.modeling_outputs import CausalLMOutput"))
+
 
 def write_custom_teacher(path, tokenizer=None, *, vocab=64, width=32, logit_scale=1.0, aux_head=False,
-                         mask_token_id=None, seed=0):
+                         mask_token_id=None, block_diffusion=False, block_size=None, seed=0):
     """Write the two code files, then build the model through them and save weights + config."""
     import importlib.util
     import sys
@@ -93,7 +119,7 @@ def write_custom_teacher(path, tokenizer=None, *, vocab=64, width=32, logit_scal
     with open(os.path.join(path, "configuration_tinydlm.py"), "w") as fh:
         fh.write(CONFIGURATION)
     with open(os.path.join(path, "modeling_tinydlm.py"), "w") as fh:
-        fh.write(MODELING)
+        fh.write(MODELING_BLOCK if block_diffusion else MODELING)
     # import the files as a throwaway package, only to make and save the weights
     package = f"tinydlm_build_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(package, os.path.join(path, "__init__.py"),
@@ -105,6 +131,8 @@ def write_custom_teacher(path, tokenizer=None, *, vocab=64, width=32, logit_scal
     config = config_mod.TinyDLMConfig(vocab=vocab, width=width, logit_scale=logit_scale, aux_head=aux_head)
     if mask_token_id is not None:
         config.mask_token_id = mask_token_id
+    if block_size is not None:  # the block size in config.json, as block-diffusion checkpoints ship it
+        config.block_size = block_size
     torch.manual_seed(seed)
     model = model_mod.TinyDLM(config)
     model.save_pretrained(path)

@@ -186,6 +186,79 @@ def test_probe_catches_a_wrong_hidden_head_pairing(tmp_path):
         load_model(path, kind="mdlm", trust_remote_code=True, lm_head="net.nothing")
 
 
+def test_custom_code_block_diffusion_teacher(tmp_path):
+    """A custom-code BD3LM teacher (SDAR / WeDLM style: its forward takes a 4-D boolean mask and
+    position_ids): through the adapter, x_t attends within its own block and to strictly earlier
+    blocks of x_0 only, padded keys not at all; hidden @ head.T are the model's own logits of the
+    x_t half; x0_xt gives the same hidden states; a forward without those arguments is refused."""
+    from tide.models.bd3lm import bd3lm_inputs
+    path = write_custom_teacher(tmp_path / "sdar", vocab=64, mask_token_id=63, block_diffusion=True, block_size=4)
+    teacher = load_model(path, kind="bd3lm", trust_remote_code=True).eval()   # block size from config.json
+    assert (teacher.kind, teacher.block_size, teacher.head_name) == ("bd3lm", 4, "net.proj")
+    L, gen = 12, torch.Generator().manual_seed(0)
+    x_0 = torch.randint(0, 63, (2, L), generator=gen)
+    x_t = torch.where(torch.rand(2, L, generator=gen) < 0.5, 63, x_0)
+
+    def changed(x, *positions, row=slice(None)):
+        y = x.clone()
+        for i in positions:
+            y[row, i] = (y[row, i] + 1) % 63
+        return y
+
+    with torch.no_grad():
+        h = teacher(x_t, x_0)
+        assert h.shape == (2, L, 32)
+
+        def moved(new_x_t, new_x_0, padding=None, base=h):
+            return (teacher(new_x_t, new_x_0, padding) - base).abs().sum(-1)   # [b, L]
+        d = moved(changed(x_t, L - 1), x_0)          # x_t, last block: reaches that block, no earlier one
+        assert d[:, 8:].min() > 0 and d[:, :8].max() == 0
+        d = moved(changed(x_t, 0), x_0)              # x_t, first position: its whole block, no later block
+        assert d[:, :4].min() > 0 and d[:, 4:].max() == 0
+        d = moved(x_t, changed(x_0, 5))              # x_0, block 1: reaches x_t's block 2 only
+        assert d[:, 8:].min() > 0 and d[:, :8].max() == 0
+        d = moved(x_t, changed(x_0, 11))             # x_0, last block: no x_t block sees it
+        assert d.max() == 0
+        # key padding: row 1's last two tokens are padding; changing them moves none of its real tokens
+        pad = torch.ones(2, L, dtype=torch.long)
+        pad[1, 10:] = 0
+        padded = teacher(x_t, x_0, pad)
+        assert torch.allclose(padded[0], h[0], atol=1e-6)
+        d = moved(changed(x_t, 10, 11, row=1), changed(x_0, 10, 11, row=1), pad, base=padded)
+        assert d[1, :10].max() == 0 and d[0].max() == 0
+        # the adapter's hidden states against the model's own logits on the same two-half input
+        ids, positions, half = bd3lm_inputs(x_t, x_0)
+        logits = teacher.decoder(input_ids=ids, attention_mask=bd3lm_sdpa_mask(L, 4).expand(2, -1, -1, -1),
+                                 position_ids=positions).logits
+        assert torch.allclose(h @ teacher.lm_head_weight.T, logits[:, half], atol=1e-5)
+        swapped = load_model(path, kind="bd3lm", trust_remote_code=True, concat_order="x0_xt").eval()
+        assert torch.allclose(swapped(x_t, x_0), h, atol=1e-5)
+    # the bidirectional kind's forward takes no mask of this shape nor position_ids: refused at load
+    plain = write_custom_teacher(tmp_path / "plain", vocab=64, mask_token_id=63)
+    with pytest.raises(ValueError, match="cannot run as a BD3LM teacher.*position_ids"):
+        load_model(plain, kind="bd3lm", block_size=4, trust_remote_code=True)
+
+
+def test_custom_code_block_diffusion_teacher_trains(assets, tmp_path, monkeypatch):
+    """`--teacher-kind bd3lm --trust-remote-code --teacher-block-size 4` on a custom-code block-diffusion
+    teacher: 2 TIDAL + CompDemo steps, every teacher pass on the two-half input of its own block size."""
+    import tide.models.custom as custom
+    path = write_custom_teacher(tmp_path / "sdar", assets["tokenizer"], vocab=assets["vocab"],
+                                mask_token_id=assets["mask_id"], block_diffusion=True)
+    masks, make_mask = [], custom.bd3lm_attention_mask
+
+    def spy(length, block_size, *args, **kwargs):
+        masks.append((length, block_size))
+        return make_mask(length, block_size, *args, **kwargs)
+    monkeypatch.setattr(custom, "bd3lm_attention_mask", spy)
+    result = main(tiny(tmp_path / "run", method="tidal", compdemo="true", teacher=path, data=assets["data"],
+                       **{"teacher-kind": "bd3lm", "teacher-block-size": 4, "trust-remote-code": "true",
+                          "student-tokenizer": assets["tok"]}))
+    assert len(result["history"]) == 2 and finite_distill(result)
+    assert masks[0] == (16, 4)                       # the load-time probe
+    assert masks[1:] == [(32, 4)] * 4                # 2 steps x 2 CompDemo passes, --seq-len 32
+
+
 # --------------------------------------------------------------------------- students
 def test_ar_checkpoint_becomes_a_bd3lm_student_and_trains(assets, tmp_path):
     """A Qwen3 causal LM whose embedding has no free row: the mask token is added, the
