@@ -496,6 +496,17 @@ def test_lone_surrogate_escape_in_a_jsonl_file_names_the_file_and_row(tmp_path):
         load_chat_dataset(str(path))
 
 
+def test_loading_a_jsonl_draws_no_datasets_progress_bar(tmp_path, capfd):
+    import datasets
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n')
+    assert len(load_chat_dataset(str(path), cache_dir=str(tmp_path / "cache"))) == 1
+    captured = capfd.readouterr()
+    assert "Generating train split" not in captured.out + captured.err
+    assert datasets.is_progress_bar_enabled()                  # the user's setting is restored
+
+
 def test_example_truncated_matches_building_with_max_lengths(chatml_bpe, system_unigram):
     full = chat_example(MULTI_TURN, student_tokenizer=chatml_bpe, teacher_tokenizer=system_unigram)
     for s_len, t_len in ((None, None), (10, None), (None, 25), (17, 30), (len(full.student_input_ids), 3)):

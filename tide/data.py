@@ -613,6 +613,8 @@ def load_chat_dataset(source, *, split: str = "train", messages_key: str = "mess
             raise ValueError(f"source {path!r} is not a file")
         _check_utf8_file(path)
         _check_not_blank(path)
+        bars_were_on = datasets.is_progress_bar_enabled()   # its "Generating train split" bar: off, then restored
+        datasets.disable_progress_bars()
         try:
             dataset = datasets.load_dataset("json", data_files=path, split="train", **load_kwargs)
         except datasets.exceptions.DatasetGenerationError as error:   # e.g. a lone surrogate escape
@@ -621,6 +623,9 @@ def load_chat_dataset(source, *, split: str = "train", messages_key: str = "mess
                 cause = cause.__cause__
             raise ValueError(f"{path} could not be read as JSON/JSONL: {cause} (rows count from 0, "
                              f"non-empty lines)") from error
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
         name = path
     elif isinstance(source, datasets.DatasetDict):
         if split not in source:
