@@ -9,7 +9,8 @@ correctness check can hold each implementation to the same float64 answer:
 | tidal_ce        | 0.5 CE + 0.5 TIDAL / T^2  (T = 2, progress 0.37, mask ratios in (0, 1))      |
 | forward_kl_ce   | 0.5 CE + 0.5 KL(q_T || p_T)   (T = 2; q teacher, p student)                  |
 | reverse_kl_ce   | 0.5 CE + 0.5 KL(p_T || q_T)   (T = 2)                                        |
-| token_logprobs  | mean CE = -mean_i log softmax(h_i W^T)[y_i]                                  |
+| cross_entropy   | mean CE = -mean_i log softmax(h_i W^T)[y_i]   (tide: `tide.cross_entropy`)    |
+| token_logprobs  | the same mean CE from per-row `tide.token_logprobs` (no peers)               |
 | reverse_calm    | Reverse CALM over random chunks (student fwd + bwd, teacher fwd)             |
 | compdemo_split  | CompDemo's complementary split of a [b, l] masked set (forward only)          |
 
@@ -25,8 +26,13 @@ logit gradient per block (the way to weight CE against distillation with tide). 
   divided by the number of rows, and it applies no T^2 factor. On CUDA also its
   Triton `LigerFusedLinearCrossEntropyLoss` on the CE work.
 - Cut-Cross-Entropy `linear_cross_entropy` (`impl="torch_compile"`; on CUDA also
-  `impl="cce"`, the Triton kernel) on the CE work: mean reduction, its default
-  gradient filtering (`filter_eps="high"`), which the correctness column shows.
+  `impl="cce"`, the Triton kernel) on the CE work (`cross_entropy`): mean
+  reduction, its default gradient filtering (`filter_eps="high"`), which the
+  correctness column shows.
+`cross_entropy` and `token_logprobs` time the same scalar: tide's chunked
+`cross_entropy` finishes the gradients in its forward walk (3 GEMMs per block),
+`-token_logprobs(...).mean()` recomputes the logits in backward (4); the FLOP
+count of both is the work's 3 passes.
 
 Inputs have a realistic logit scale (weights scaled by 2 / sqrt(d): logits with
 std ~2; unit-scale weights would put exp() in denormals and time nothing real).
@@ -56,7 +62,7 @@ SHAPES = {
 }
 # Sweeps: (N values, V values) through the base shape, each at the base's other dimension, for
 # the cases whose peers make the comparison (the growth exponents are fitted on them).
-SWEEP_CASES = ("forward_kl_ce", "token_logprobs")
+SWEEP_CASES = ("forward_kl_ce", "cross_entropy")
 SWEEPS = {
     "quick": dict(rows=(128, 256, 512), vocab=(2048, 4096, 8192)),
     "cpu": dict(rows=(512, 1024, 2048), vocab=(8192, 16384, 32768)),
@@ -84,8 +90,9 @@ CASES = {case.name: case for case in (
          ("liger", "liger_eager"), 3, 1),
     Case("reverse_kl_ce", "0.5 CE + 0.5 reverse KL, T=2", ("reference", "chunked", "triton", "triton_stream"),
          ("liger", "liger_eager"), 3, 1),
-    Case("token_logprobs", "mean CE from token log-probs", ("reference", "chunked", "triton"),
+    Case("cross_entropy", "mean CE (cross_entropy)", ("reference", "chunked", "triton"),
          ("cce_compile", "cce", "liger_ce"), 3, 0),
+    Case("token_logprobs", "mean CE from per-row token log-probs", ("reference", "chunked", "triton"), (), 3, 0),
     Case("reverse_calm", "Reverse CALM end to end", ("reference", "chunked", "triton"), (), 3, 1),
     Case("compdemo_split", "CompDemo split of [64, 2048] masks", ("chunked", "triton"), (), 0, 0),
 )}
@@ -165,6 +172,8 @@ def tide_scalar(case_name: str, impl: str, x: dict) -> torch.Tensor:
         distill, ce = _distill_ce(tide.kl_loss(*student, reverse=case_name == "reverse_kl_ce", targets=x["targets"],
                                                ce_weight=x["ce_weight"], temperature=TEMPERATURE, impl=impl))
         return SOFT / TEMPERATURE ** 2 * (distill + ce)
+    if case_name == "cross_entropy":
+        return tide.cross_entropy(x["student_hidden"], x["student_weight"], x["targets"], impl=impl)
     if case_name == "token_logprobs":
         return -tide.token_logprobs(x["student_hidden"], x["student_weight"], x["targets"], impl=impl).mean()
     if case_name == "reverse_calm":

@@ -2,12 +2,11 @@
 
 The public API (see API.md / README): the fused-linear losses and their modules.
 """
-from .losses import (CALMLoss, DistillOutput, KLLoss, TIDALLoss, calm_from_logprobs, calm_loss,
-                     complementary_split, kl_loss,
-                     tidal_loss, token_logprobs)
+from .losses import (CALMLoss, CrossEntropyLoss, DistillOutput, KLLoss, TIDALLoss, calm_from_logprobs, calm_loss,
+                     complementary_split, cross_entropy, kl_loss, tidal_loss, token_logprobs)
 
-__all__ = ["tidal_loss", "kl_loss", "token_logprobs", "calm_loss", "calm_from_logprobs", "complementary_split",
-           "DistillOutput", "TIDALLoss", "KLLoss", "CALMLoss"]
+__all__ = ["tidal_loss", "kl_loss", "cross_entropy", "token_logprobs", "calm_loss", "calm_from_logprobs",
+           "complementary_split", "DistillOutput", "TIDALLoss", "KLLoss", "CrossEntropyLoss", "CALMLoss"]
 __version__ = "0.1.0"
 
 

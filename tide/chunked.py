@@ -31,6 +31,11 @@ instead of the mixture's arithmetic.
 applied to a finished `d student_weight`, so backward walks the blocks again and
 scales each row's logit gradient by its g_i before the GEMMs.
 
+Cross-entropy alone (`cross_entropy`), "mean" / "sum": the same forward walk with
+the CE term only, `_CrossEntropyFunction`: three GEMMs per block (logits, d hidden,
+d weight) where `token_logprobs` needs four (it recomputes the logits in backward);
+no gradient GEMM under torch.no_grad. "none" is `-ce_weight * token_logprobs`.
+
 Gradients w.r.t. the (capped) student logits s at one row (temperature T, x = s / T):
 - TIDAL / forward KL, `T^2 w KL(r || p)` with r detached: `T w (p - r)`;
 - reverse KL, `T^2 KL(p || q)`: d/dx KL = p * (log p - log q - KL), so
@@ -44,6 +49,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from . import reference
 
 # Byte budget of one [block_rows, V] tensor: small on CPU (cache-sized blocks, a small
 # peak), large on GPUs (big GEMMs). At least MIN_BLOCK_ROWS rows, so that each read of
@@ -424,3 +431,76 @@ class _TokenLogprobFunction(torch.autograd.Function):
 def token_logprobs(hidden, weight, targets, bias=None, softcap=None):
     """Same contract as `tide.reference.token_logprobs`, in bounded memory."""
     return _TokenLogprobFunction.apply(hidden, weight, bias, targets, softcap)
+
+
+# --------------------------------------------------------------------------- cross-entropy
+def _cross_entropy_walk(hidden, weight, bias, targets, ce_weight, softcap, scale, wants):
+    """One walk over the row blocks: `scale * sum_i ce_weight_i * CE_i` (0-d) and, for the inputs
+    in `wants` (hidden, weight, bias), its gradients (None elsewhere; no gradient GEMM without any).
+
+    Per block: the logits (GEMM 1), the CE rows and the logit gradient
+    `scale * ce_weight * (softmax - onehot)` in the logits' buffer (`_ce_block`), then d hidden
+    (GEMM 2), d weight (GEMM 3) and d bias (`_add_logit_grad`).
+    """
+    dtype = _compute_dtype(hidden)
+    device = hidden.device
+    num_rows = hidden.shape[0]
+    grads_now = any(wants)
+    weight_c = weight.detach().to(dtype)                              # [V, d] (a view for fp32/fp64)
+    bias_c = None if bias is None else bias.detach().to(dtype)
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    grads = [torch.zeros(shape, dtype=dtype, device=device) if want else None for shape, want in zip(shapes, wants)]
+    ce_rows = torch.zeros(num_rows, dtype=dtype, device=device)
+    block = block_rows_for(weight.shape[0], dtype, num_rows, device.type)
+    with torch.no_grad(), _no_autocast(device):
+        for start in range(0, num_rows, block):
+            rows = slice(start, min(start + block, num_rows))
+            block_hidden = hidden[rows].detach().to(dtype)                    # [R, d]
+            s, derivative = _logits_(block_hidden, weight_c, bias_c, softcap, grads_now)   # [R, V]
+            ce_rows[rows], grad_ce = _ce_block(s, derivative, targets[rows],
+                                               None if ce_weight is None else ce_weight[rows], scale, grads_now)
+            if grads_now:
+                _add_logit_grad(grad_ce, rows, block_hidden, weight_c, *grads)
+    return ce_rows.sum() * scale, grads
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Scalar CE ("mean" / "sum") whose gradients are finished in the forward walk.
+
+    Three GEMMs per block over the LM head (logits, d hidden, d weight) instead of
+    `token_logprobs`' four (its backward recomputes the logits). Backward only multiplies the
+    finished gradients by the scalar upstream gradient, out of place (retain_graph-safe).
+    The price: the `[N, d]` and `[V, d]` gradients are held from forward to backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ce_weight, softcap, scale):
+        total, ctx.grads = _cross_entropy_walk(hidden, weight, bias, targets, ce_weight, softcap, scale,
+                                               ctx.needs_input_grad[:3])
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grads = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.input_dtypes)]
+        return (*grads, None, None, None, None)
+
+
+def cross_entropy(hidden, weight, targets, ce_weight=None, bias=None, softcap=None, *, reduction: str):
+    """Same contract as `tide.reference.cross_entropy`, in bounded memory.
+
+    "mean" / "sum": one walk computes the CE rows and contracts their logit gradient into the
+    hidden / weight / bias gradients during the forward (`_CrossEntropyFunction`); under
+    torch.no_grad, or when nothing requires a gradient, the walk computes the value alone.
+    "none": `-ce_weight * token_logprobs` (saves the per-row LSE, recomputes the logits in
+    backward), exact for any per-row upstream gradient. ce_weight gets no gradient.
+    """
+    if ce_weight is not None:
+        ce_weight = ce_weight.detach()
+    if reduction == "none":
+        return reference.ce_from_token_logprobs(token_logprobs(hidden, weight, targets, bias, softcap), ce_weight,
+                                                reduction="none")
+    scale = 1.0 / max(hidden.shape[0], 1) if reduction == "mean" else 1.0
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _CrossEntropyFunction.apply(hidden, weight, bias, targets, ce_weight, softcap, scale)
+    return _cross_entropy_walk(hidden, weight, bias, targets, ce_weight, softcap, scale, (False, False, False))[0]

@@ -10,7 +10,7 @@ so every implementation sees flat `[N, d]` rows. No implementation except
 impl:
 - "auto": "triton" for CUDA tensors, "chunked" otherwise;
 - "triton": row-chunked logit workspace + fused Triton kernels (on CPU only
-  under TRITON_INTERPRET=1); `token_logprobs` and `calm_loss` stream here already;
+  under TRITON_INTERPRET=1); `token_logprobs`, `cross_entropy` and `calm_loss` stream here;
 - "triton_stream": `tidal_loss` / `kl_loss` only, fully streaming Triton kernels
   (logit tiles never leave the chip, O(N) extra memory, more FLOPs);
 - "chunked": pure PyTorch, bounded memory, any device;
@@ -445,6 +445,62 @@ def token_logprobs(hidden, weight, targets, *, bias=None, softcap=None, ignore_i
     return rows.scatter(out)
 
 
+def _check_ce_options(reduction, impl, ignore_index, softcap):
+    """The options of cross_entropy that do not depend on the tensors (also run by CrossEntropyLoss)."""
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("impl", impl, ("auto", "triton", "chunked", "reference"))
+    if ignore_index is not None:
+        _check_int("ignore_index", ignore_index)
+    return _check_softcap("softcap", softcap)
+
+
+def cross_entropy(hidden, weight, targets, *, ce_weight=None, reduction="mean", ignore_index=IGNORE_INDEX,
+                  bias=None, softcap=None, impl="auto") -> torch.Tensor:
+    """Fused linear cross-entropy: `ce_weight_i * CE_i` over the rows that take part, reduced.
+
+    `CE_i = -log_softmax(c * tanh((hidden @ weight.T + bias) / c))[i, targets[i]]` (no softcap c:
+    the plain logits; no bias: none). hidden `[..., d]` (e.g. `[b, l, d]` or `[N, d]`), weight
+    `[V, d]`, bias `[V]` or None, targets (ids in [0, V), shaped like the leading dims); rows whose
+    target is `ignore_index` take no part. ce_weight (floats shaped like targets, None: 1) weights
+    each row's CE as in `tidal_loss`'s CE term; it is a constant (no gradient reaches it).
+    Returns a tensor (float32; float64 for float64 hidden): "sum" `sum_i ce_weight_i CE_i` and
+    "mean" that sum divided by N, the number of rows that take part (not by the sum of
+    ce_weight, unlike `F.cross_entropy(weight=)`; 0 rows give 0 and zero gradients), both 0-d;
+    "none" the per-row values shaped like targets (0 where targets == ignore_index).
+    Gradients reach hidden, weight and bias.
+
+    impl "chunked" (the CPU default) finishes the gradients in its forward walk for "mean" /
+    "sum": three GEMMs per row block over the LM head (logits, d hidden, d weight), backward only
+    scales them by the upstream gradient, none under torch.no_grad; "none" recomputes the logits
+    in backward (as `token_logprobs`). "triton" (the CUDA default) is `-ce_weight * token_logprobs`
+    on the fused token log-prob kernel (streams the logits, recomputes them in backward): the
+    forward-gradient fusion is the chunked path's. "reference": eager `F.cross_entropy`.
+    """
+    softcap = _check_ce_options(reduction, impl, ignore_index, softcap)
+    _check_hidden("hidden", hidden, "d")
+    lead = tuple(hidden.shape[:-1])
+    _check_weight("weight", weight, hidden, "hidden", "V", "d")
+    _check_bias("bias", bias, weight, "weight", "V")
+    _check_ids("targets", targets, lead, weight.shape[0], device=hidden.device, ignore_index=ignore_index,
+               lead_name="hidden")
+    if ce_weight is not None:
+        _check_rows("ce_weight", ce_weight, lead, device=hidden.device, lead_name="hidden")
+    impl = _resolve_impl(impl, hidden.device, allowed=("auto", "triton", "chunked", "reference"))
+    rows = _Rows(lead, _keep(targets, ignore_index, None))
+    args = (rows.gather(hidden), weight, rows.gather(targets).long(),
+            None if ce_weight is None else rows.gather(ce_weight).detach())
+    with _no_autocast(hidden.device):
+        if impl == "reference":
+            out = reference.cross_entropy(*args, bias, softcap, reduction=reduction)
+        elif impl == "chunked":
+            out = chunked.cross_entropy(*args, bias, softcap, reduction=reduction)
+        else:
+            from .kernels import token_logprob as token_logprob_kernels
+            logprobs = token_logprob_kernels.fused_token_logprobs(*args[:3], bias=bias, softcap=softcap)
+            out = reference.ce_from_token_logprobs(logprobs, args[3], reduction=reduction)
+    return rows.scatter(out) if reduction == "none" else out
+
+
 def _check_calm_options(reverse, temperature, reduction, impl, ignore_index, student_softcap, teacher_softcap):
     _check_bool("reverse", reverse)
     _check_float("temperature", temperature, 0, open_low=True)
@@ -657,6 +713,19 @@ class KLLoss(_LossModule):
         return kl_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, targets=targets,
                        ce_weight=ce_weight, row_mask=row_mask, student_bias=student_bias,
                        teacher_bias=teacher_bias, **self.options)
+
+
+class CrossEntropyLoss(_LossModule):
+    """`cross_entropy` with its keyword options held (reduction=, ignore_index=, softcap=, impl=; checked
+    here, shown by `repr`): `forward(hidden, weight, targets, ce_weight=None, bias=None)` returns a tensor."""
+
+    def __init__(self, *, reduction="mean", ignore_index=IGNORE_INDEX, softcap=None, impl="auto"):
+        super().__init__()
+        _check_ce_options(reduction, impl, ignore_index, softcap)
+        self.options = dict(reduction=reduction, ignore_index=ignore_index, softcap=softcap, impl=impl)
+
+    def forward(self, hidden, weight, targets, ce_weight=None, bias=None) -> torch.Tensor:
+        return cross_entropy(hidden, weight, targets, ce_weight=ce_weight, bias=bias, **self.options)
 
 
 class CALMLoss(_LossModule):

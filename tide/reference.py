@@ -91,6 +91,29 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
     return distill, _reduce_rows(ce_rows, reduction)
 
 
+def cross_entropy(hidden, weight, targets, ce_weight=None, bias=None, softcap=None, *, reduction: str):
+    """`ce_weight_i * CE_i` per row, `CE_i = -log_softmax(softcap(hidden @ weight.T + bias))[i, targets[i]]`.
+
+    hidden `[N, d]`, weight `[V, d]`, targets `[N]` long, ce_weight `[N]` or None (1 per row),
+    bias `[V]` or None, softcap a positive float or None. Returns the per-row values `[N]` for
+    "none", else their sum (/N for "mean": the rows' count, not the sum of ce_weight).
+    """
+    dtype = compute_dtype(hidden)
+    logits = lm_logits(hidden, weight, bias, softcap, dtype)                    # [N, V]
+    ce_rows = F.cross_entropy(logits, targets, reduction="none")
+    if ce_weight is not None:
+        ce_rows = ce_weight.to(dtype) * ce_rows
+    return _reduce_rows(ce_rows, reduction)
+
+
+def ce_from_token_logprobs(logprobs, ce_weight=None, *, reduction: str):
+    """`-ce_weight_i * logprobs_i` per row (`logprobs [N]` from `token_logprobs`), reduced as in
+    `cross_entropy`: the CE of impls that compute token log-probabilities (autograd carries any
+    upstream gradient through them)."""
+    ce_rows = -logprobs if ce_weight is None else -(ce_weight.to(logprobs.dtype) * logprobs)
+    return _reduce_rows(ce_rows, reduction)
+
+
 def token_logprobs(hidden, weight, targets, bias=None, softcap=None):
     """`log_softmax(softcap(hidden @ weight.T + bias))[i, targets[i]]` per row: `[N]`."""
     logits = lm_logits(hidden, weight, bias, softcap, compute_dtype(hidden))    # [N, V]

@@ -136,12 +136,13 @@ class StudentLoss(nn.Module):
                 distill, ce = losses.kl_loss(h_rows, weight, t_rows, t_weight, reverse=cfg.method == "reverse_kl",
                                              **fused)
             ce = ce / ratio
-        else:  # CE alone, or next to a loss on other rows (aligned pairs, chunks)
+        elif cfg.method == "ce":  # CE alone: a scalar of known row weights (chunked: gradients in its forward)
+            ce = losses.cross_entropy(h_rows, weight, targets, ce_weight=ce_row, reduction="sum", impl=cfg.impl)
+            distill = torch.zeros_like(ce)
+        else:  # CE next to a loss on other rows (aligned pairs, chunks)
             logp = losses.token_logprobs(h_rows, weight, targets, impl=cfg.impl)  # [N], also CALM's input
             ce = -(ce_row * logp).sum()
-            if cfg.method == "ce":
-                distill = torch.zeros_like(ce)
-            elif cfg.pipeline == "aligned":
+            if cfg.pipeline == "aligned":
                 distill = self.pair_loss(hidden, weight, t_hidden, t_weight, noise, progress, common)
             else:
                 distill = self.chunk_loss(logp, t_hidden, t_weight, batch, noise, progress)
