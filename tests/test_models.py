@@ -127,10 +127,15 @@ def test_save_and_load_print_no_hugging_face_progress_bars(tmp_path, capfd):
     from transformers.utils import logging as hf_logging
 
     model = build_model("bd3lm", build_config("qwen3", 40, 16, 1, 2), block_size=4, mask_token_id=39)
-    assert hf_logging.is_progress_bar_enabled()
-    model.save_pretrained(tmp_path / "m")
-    load_model(tmp_path / "m")
-    captured = capfd.readouterr()
-    for noise in ("Writing model shards", "Loading weights", "it/s]"):
-        assert noise not in captured.out + captured.err, noise
-    assert hf_logging.is_progress_bar_enabled()
+    was_enabled = hf_logging.is_progress_bar_enabled()   # other tests (the demo) may have turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        model.save_pretrained(tmp_path / "m")
+        load_model(tmp_path / "m")
+        captured = capfd.readouterr()
+        for noise in ("Writing model shards", "Loading weights", "it/s]"):
+            assert noise not in captured.out + captured.err, noise
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was_enabled:
+            hf_logging.disable_progress_bar()
