@@ -427,3 +427,23 @@ def test_trainer_ce_only_loss_and_gradients_unchanged(impl):
     close([loss.detach(), logs["ce"]], [old_loss.detach(), old_loss.detach() / cfg.ce_weight])
     assert float(logs["distill"]) == 0.0
     close(new, old)
+
+
+def test_chunked_distillation_runs_no_gradient_gemms_under_no_grad():
+    """tidal_loss / kl_loss, chunked, "mean": the walk contracts gradients in forward; under
+    torch.no_grad (a validation loss) only the logit GEMMs run (student and teacher, one each per
+    block), although the student's tensors require gradients."""
+    torch.manual_seed(0)
+    N, V, d = 40, 37, 6
+    h = torch.randn(N, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(N, d + 2, dtype=torch.float64), torch.randn(V, d + 2, dtype=torch.float64)
+    targets = torch.randint(0, V, (N,))
+
+    def gemms(grad_enabled):
+        with GemmCount() as mode, torch.set_grad_enabled(grad_enabled):
+            tide.kl_loss(h, w, th, tw, targets=targets, impl="chunked")
+        return mode.count
+
+    # per block: student logits, teacher logits, the KL row-dot (bmm); with gradients also d hidden, d weight
+    assert 5 * gemms(False) == 3 * gemms(True)

@@ -98,6 +98,7 @@ class DistillParams:
     student_softcap: float | None = None
     teacher_softcap: float | None = None
     teacher_target: bool = False          # lambda = 1 on every row (forward KL): the target r is q itself
+    grad_enabled: bool = True             # torch.is_grad_enabled() at the call (forward runs without it)
 
     def scale(self, num_rows: int) -> float:
         return 1.0 / max(num_rows, 1) if self.reduction == "mean" else 1.0
@@ -229,7 +230,8 @@ class _DistillFunction(torch.autograd.Function):
         num_rows = student_hidden.shape[0]
         scale = params.scale(num_rows)
         per_row = params.reduction == "none"
-        wants = ctx.needs_input_grad[:3]                              # hidden, weight, bias
+        # hidden, weight, bias (needs_input_grad ignores grad mode: under torch.no_grad, no gradient GEMMs)
+        wants = ctx.needs_input_grad[:3] if params.grad_enabled else (False, False, False)
         grads_now = any(wants) and not per_row                        # "mean" / "sum": gradients in forward
         weight_c = student_weight.to(dtype)                          # [V_s, d_s] (a view for fp32/fp64)
         bias_c = None if student_bias is None else student_bias.detach().to(dtype)
@@ -366,7 +368,8 @@ def distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
     params = DistillParams(temperature=temperature, shared_vocab=shared_vocab, reverse=reverse,
                            reduction=reduction, has_targets=targets is not None,
                            student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-                           teacher_target=not reverse and bool((row_lambda == 1).all()))
+                           teacher_target=not reverse and bool((row_lambda == 1).all()),
+                           grad_enabled=torch.is_grad_enabled())
     out = _DistillFunction.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                  teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
                                  row_lambda, row_weight, targets, ce_weight, params)
