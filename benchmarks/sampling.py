@@ -1,7 +1,7 @@
 """Sampling speed of `tide.generate`: block KV cache vs none, threshold (parallel) decoding vs one
 token per step, batch 1 and 8, and the per-call overhead on a small trained student.
 
-    python -m benchmarks.sampling [--device cpu|cuda] [--checkpoint out/demo/student/checkpoint-300]
+    python -m benchmarks.sampling [--device cpu|cuda] [--checkpoint out/demo/distilled/checkpoint-150]
                                   [--new-tokens 256] [--steps 8] [--threshold 0.9] [--quick]
 
 1. A random BD3LM big enough for attention to matter: Qwen3-shaped, hidden 512, 8 layers,

@@ -1,6 +1,6 @@
 """Held-out evaluation of tide diffusion LMs: the diffusion ELBO in bits per byte, with error bars.
 
-    python -m tide.evaluate --checkpoint out/demo/student/checkpoint-300 --data held_out/ --samples 8
+    python -m tide.evaluate --checkpoint out/demo/distilled/checkpoint-150 --data out/demo/held_out --samples 8
     result = elbo(model, ["some text", ...], tokenizer=tok, samples=8, seed=0)   # -> Result
 
 Bits per UTF-8 byte of the original text compare models with different tokenizers on

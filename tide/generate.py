@@ -1,6 +1,6 @@
 """Sampling from a trained diffusion LM, batched and exact, and its command line.
 
-    python -m tide.generate --checkpoint out/demo/student/checkpoint-300 --prompt "def " --prompt "class "
+    python -m tide.generate --checkpoint out/demo/distilled/checkpoint-150 --prompt "def " --prompt "class "
     python -m tide.generate --checkpoint DIR --prompts-file prompts.jsonl --batch-size 8 --threshold 0.9
 
     from tide.generate import generate, infill
