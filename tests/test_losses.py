@@ -259,7 +259,7 @@ def test_block_rows_bounded_by_budget(monkeypatch):
     assert chunked.block_rows_for(1000, torch.float32, 5) == 5
     monkeypatch.delenv("TIDE_CHUNK_BYTES")
     assert chunked.block_rows_for(10 ** 9, torch.float32, 10_000) == chunked.MIN_BLOCK_ROWS
-    assert chunked.block_rows_for(32768, torch.float32, 10_000) == 64
+    assert chunked.block_rows_for(32768, torch.float32, 10_000) == chunked.DEFAULT_CHUNK_BYTES["cpu"] // (4 * 32768)
 
 
 def test_chunked_never_allocates_n_by_v(monkeypatch):
