@@ -29,6 +29,10 @@ logit gradient per block (the way to weight CE against distillation with tide). 
   `impl="cce"`, the Triton kernel) on the CE work (`cross_entropy`): mean
   reduction, its default gradient filtering (`filter_eps="high"`), which the
   correctness column shows.
+`chunked_compile` (CPU only) is tide's chunked impl with `TIDE_COMPILE=1` set around each
+step: each block's elementwise math compiled by torch.compile (the GEMMs eager), on the
+distillation cases; like the compiled peers it pays a compile in its warm-up, so it is left
+out of the --quick sweeps and of the micro-benchmarks.
 `cross_entropy` and `token_logprobs` time the same scalar: tide's chunked
 `cross_entropy` finishes the gradients in its forward walk (3 GEMMs per block),
 `-token_logprobs(...).mean()` recomputes the logits in backward (4); the FLOP
@@ -42,8 +46,10 @@ the scalar; `expected(case, inputs)` the float64 answer (scalar and gradients).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import os
 
 import torch
 
@@ -85,11 +91,12 @@ class Case:
 
 
 CASES = {case.name: case for case in (
-    Case("tidal_ce", "0.5 CE + 0.5 TIDAL/T^2, T=2", ("reference", "chunked", "triton", "triton_stream"), (), 3, 1),
-    Case("forward_kl_ce", "0.5 CE + 0.5 forward KL, T=2", ("reference", "chunked", "triton", "triton_stream"),
-         ("liger", "liger_eager"), 3, 1),
-    Case("reverse_kl_ce", "0.5 CE + 0.5 reverse KL, T=2", ("reference", "chunked", "triton", "triton_stream"),
-         ("liger", "liger_eager"), 3, 1),
+    Case("tidal_ce", "0.5 CE + 0.5 TIDAL/T^2, T=2",
+         ("reference", "chunked", "chunked_compile", "triton", "triton_stream"), (), 3, 1),
+    Case("forward_kl_ce", "0.5 CE + 0.5 forward KL, T=2",
+         ("reference", "chunked", "chunked_compile", "triton", "triton_stream"), ("liger", "liger_eager"), 3, 1),
+    Case("reverse_kl_ce", "0.5 CE + 0.5 reverse KL, T=2",
+         ("reference", "chunked", "chunked_compile", "triton", "triton_stream"), ("liger", "liger_eager"), 3, 1),
     Case("cross_entropy", "mean CE (cross_entropy)", ("reference", "chunked", "triton"),
          ("cce_compile", "cce", "liger_ce"), 3, 0),
     Case("token_logprobs", "mean CE from per-row token log-probs", ("reference", "chunked", "triton"), (), 3, 0),
@@ -108,6 +115,33 @@ PEERS = {
 }
 
 
+# tide impls that are a tide impl under an environment: (the impl passed to tide, the variables
+# set around each step), and the CPU-only ones.
+TIDE_VARIANTS = {"chunked_compile": ("chunked", {"TIDE_COMPILE": "1"})}
+CPU_ONLY = ("chunked_compile",)
+
+
+def compiled(impl: str) -> bool:
+    """Whether impl pays a torch.compile per process (a compiled peer, or chunked_compile)."""
+    if impl in TIDE_VARIANTS:
+        return TIDE_VARIANTS[impl][1].get("TIDE_COMPILE") == "1"
+    return bool(PEERS.get(impl, {}).get("compiled"))
+
+
+@contextlib.contextmanager
+def _environment(variables: dict):
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def peer_available(peer: str, device: str) -> bool:
     """Peers run only where their package imports (they are never a dependency)."""
     spec = PEERS[peer]
@@ -121,8 +155,10 @@ def peer_available(peer: str, device: str) -> bool:
 
 
 def implementations(case: Case, device: str) -> list:
-    """tide impls (Triton only on CUDA: the interpreter is for tests, not timings), then peers."""
-    chosen = [impl for impl in case.impls if device == "cuda" or not impl.startswith("triton")]
+    """tide impls (Triton only on CUDA: the interpreter is for tests, not timings; chunked_compile
+    only on CPU), then peers."""
+    chosen = [impl for impl in case.impls
+              if (impl not in CPU_ONLY if device == "cuda" else not impl.startswith("triton"))]
     return chosen + [peer for peer in case.peers if peer_available(peer, device)]
 
 
@@ -162,7 +198,9 @@ def _distill_ce(out):
 
 
 def tide_scalar(case_name: str, impl: str, x: dict) -> torch.Tensor:
-    """The case's scalar, computed by tide with `impl`."""
+    """The case's scalar, computed by tide with `impl` (a TIDE_VARIANTS name: its tide impl; the
+    caller sets its environment)."""
+    impl = TIDE_VARIANTS.get(impl, (impl,))[0]
     student = (x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
     if case_name == "tidal_ce":
         distill, ce = _distill_ce(tide.tidal_loss(*student, x["mask_ratio"], PROGRESS, targets=x["targets"],
@@ -216,12 +254,14 @@ def make_step(case_name: str, impl: str, x: dict):
         return split
 
     compute = _peer_fn(case_name, impl) if impl in PEERS else (lambda inputs: tide_scalar(case_name, impl, inputs))
+    variables = TIDE_VARIANTS.get(impl, (impl, {}))[1]
 
     def step():
         x["student_hidden"].grad = None
         x["student_weight"].grad = None
-        value = compute(x)
-        value.backward()
+        with _environment(variables):                # chunked_compile: TIDE_COMPILE=1, forward and backward
+            value = compute(x)
+            value.backward()
         return value.detach()
     return step
 

@@ -4,7 +4,8 @@
                              [--threads T] [--repeats R] [--no-sweep]
 
 For each case of benchmarks/cases.py (one scalar of equal work per case) and each
-implementation that applies (reference, chunked; on CUDA triton, triton_stream;
+implementation that applies (reference, chunked; on CPU chunked_compile, chunked with
+TIDE_COMPILE=1, on the distillation cases; on CUDA triton, triton_stream;
 the peers that import: Liger-Kernel, Cut-Cross-Entropy): forward + backward,
 median time with its 20% / 80% quantiles, peak memory over the inputs, achieved
 TFLOP/s from the case's FLOP count, and a correctness column: the max abs error
@@ -281,7 +282,7 @@ def plan(args, size: str) -> list:
     if not args.no_sweep:
         for name in [n for n in args.only if n in C.SWEEP_CASES]:
             for impl in C.implementations(C.CASES[name], args.device):
-                if args.quick and C.PEERS.get(impl, {}).get("compiled"):
+                if args.quick and C.compiled(impl):
                     continue                                  # a compile per shape: not in a smoke run
                 for axis in ("rows", "vocab"):
                     for value in C.SWEEPS[size][axis]:

@@ -6,7 +6,7 @@ Small shapes (N=128, V=2048, d_s=64, d_t=128) time the per-call overhead of each
 implementation (argument checks, dispatch, block loops) rather than its GEMMs;
 `python -m benchmarks.run` is the benchmark of realistic shapes. CPU threads are
 fixed to one so that rounds compare. Peers run when they import; compiled peers
-are left out (a compile per test would dominate).
+and chunked_compile are left out (a compile per test would dominate).
 """
 import pytest
 import torch
@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 torch.set_num_threads(1)
 
 PARAMS = [(name, impl) for name, case in C.CASES.items() for impl in C.implementations(case, DEVICE)
-          if not C.PEERS.get(impl, {}).get("compiled")]
+          if not C.compiled(impl)]
 
 
 @pytest.mark.parametrize("case_name,impl", PARAMS, ids=[f"{c}-{i}" for c, i in PARAMS])
