@@ -139,9 +139,9 @@ def overhead_row(model, prompts, counter, device, args, label) -> dict:
 def markdown(report) -> str:
     env = report["environment"]
     lines = [f"`{report['command']}` ({env['date']}, {env['machine']}, {env['cpus']} cores, torch {env['torch']}, "
-             f"{env['threads']} thread(s), load average {env['load_before']} before / {env['load_after']} after: "
-             "a shared machine, other jobs running; " + ("times are this process's CPU seconds, steadier than the "
-             "wall clock there" if env["device"] == "cpu" else "wall-clock times") + ")", ""]
+             f"{env['threads']} thread(s), load average {env['load_before']} before / {env['load_after']} after; "
+             + ("times are this process's CPU seconds, steadier than the wall clock on a shared machine"
+                if env["device"] == "cpu" else "wall-clock times") + ")", ""]
     cache = report["cache"]
     if cache:
         lines += [f"**Block KV cache vs none** ({cache[0]['model']}, {report['new_tokens']} new tokens, "
