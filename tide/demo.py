@@ -162,7 +162,8 @@ def verdict(distilled: dict, ce_only: dict, method: str) -> str:
     se = math.hypot(distilled["se"], ce_only["se"])  # conservative: both students are scored on the same masks
     if gain > 2 * se:
         return (f"distillation ({method}) beat CE alone by {gain:.3f} bits/byte "
-                f"(> 2 standard errors, {2 * se:.3f})")
+                f"(> 2 standard errors, {2 * se:.3f}). These are the evaluation's error bars, one training "
+                f"run each: runs differ too; python -m benchmarks.replication compares methods over seeds")
     if gain < -2 * se:
         head = f"CE alone beat distillation ({method}) by {-gain:.3f} bits/byte (> 2 standard errors, {2 * se:.3f})"
     else:
