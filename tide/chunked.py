@@ -488,27 +488,13 @@ def _add_logit_grad(grad_logits, rows, hidden, weight, grad_hidden, grad_weight,
 
 
 def _ce_grads(ctx):
-    """The CE term's gradients alone (hidden, weight, bias; None where not wanted), recomputed."""
+    """The CE term's gradients alone (hidden, weight, bias; None where not wanted), recomputed by
+    the walk of `cross_entropy` over the saved rows."""
     student_hidden, student_weight, student_bias, targets, ce_weight = ctx.saved_tensors
     params = ctx.params
-    dtype = _compute_dtype(student_hidden)
-    device = student_hidden.device
-    num_rows = student_hidden.shape[0]
-    shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
-    grads = [torch.zeros(shape, dtype=dtype, device=device) if want else None
-             for shape, want in zip(shapes, ctx.needs_input_grad[:3])]
-    weight_c = student_weight.detach().to(dtype)
-    bias_c = None if student_bias is None else student_bias.detach().to(dtype)
-    block = block_rows_for(student_weight.shape[0], dtype, num_rows, device.type)
-    with torch.no_grad(), _no_autocast(device):
-        for start in range(0, num_rows, block):
-            rows = slice(start, min(start + block, num_rows))
-            hidden = student_hidden[rows].detach().to(dtype)
-            s, derivative = _logits_(hidden, weight_c, bias_c, params.student_softcap, True)
-            _, grad_ce = _ce_block(s, derivative, targets[rows], None if ce_weight is None else ce_weight[rows],
-                                   params.scale(num_rows), True)
-            _add_logit_grad(grad_ce, rows, hidden, weight_c, *grads)
-    return grads
+    return _cross_entropy_walk(student_hidden, student_weight, student_bias, targets, ce_weight,
+                               params.student_softcap, params.scale(student_hidden.shape[0]),
+                               ctx.needs_input_grad[:3])[1]
 
 
 def _recompute_grads(ctx, grad_outputs):
